@@ -1,0 +1,113 @@
+"""Engine throughput: mixed-task VPT-Deep batch vs the prompt-free backbone, the official
+formulation (prompts as tokens through every block) and grouped execution (one forward per task).
+
+    .venv/bin/python bench/engine.py [--model vit_base_patch16_224] [--batch 16] [--prompts 10 50 200]
+
+Prints one JSON line per prompt length. Random weights: speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vpt.backbone import Backbone, load_backbone  # noqa: E402
+from vpt.engine import forward_features, stack_slots, task_slot_tensors  # noqa: E402
+from vpt.task import TaskParams, TaskSpec  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def timeit(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def official_forward(bb: Backbone, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Prompts as tokens: [CLS, P_b, patches], the prompt slice replaced in every block. prompts (B, L, p, d)."""
+    m = bb.model
+    x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))  # (B, N0, d)
+    n, p = m.num_prefix_tokens, prompts.shape[2]
+    x = torch.cat([x[:, :n], prompts[:, 0], x[:, n:]], dim=1)           # (B, N0 + p, d)
+    for layer, blk in enumerate(m.blocks):
+        if layer > 0:
+            x = torch.cat([x[:, :n], prompts[:, layer], x[:, n + p:]], dim=1)
+        x = blk(x)
+    return m.norm(x)[:, 0]                                               # (B, d)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
+    bb = load_backbone(args.model, pretrained=False, device=device, dtype=dtype)
+    B = args.batch
+    size = bb.data_config["input_size"]
+    images = torch.randn(B, *size, device=device, dtype=dtype)
+    slot = torch.arange(B, device=device) % args.tasks
+    for p in args.prompts:
+        tasks = [TaskParams.new(TaskSpec("vpt-deep", p, tuple(f"c{i}" for i in range(10))), bb)
+                 for _ in range(args.tasks)]
+        table = stack_slots(bb, [task_slot_tensors(bb, t) for t in tasks])
+        prompts = torch.stack([t.prompts for t in tasks]).to(device, dtype)[slot]  # (B, L, p, d)
+        singles = [stack_slots(bb, [task_slot_tensors(bb, t)]) for t in tasks]
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+
+        def grouped() -> None:
+            for b in range(B):
+                forward_features(bb, images[b:b + 1], singles[int(slot[b])], zero)
+
+        with torch.inference_mode():
+            t_backbone = timeit(lambda: bb.model.forward_features(images), args.reps, device)
+            t_engine = timeit(lambda: forward_features(bb, images, table, slot), args.reps, device)
+            t_official = timeit(lambda: official_forward(bb, images, prompts), args.reps, device)
+            t_grouped = timeit(grouped, max(1, args.reps // 2), device)
+            same = torch.allclose(forward_features(bb, images, table, slot).float(),
+                                  official_forward(bb, images, prompts).float(), atol=1e-3, rtol=1e-3)
+        print(json.dumps({
+            "p": p, "model": args.model, "batch": B, "tasks": args.tasks, "dtype": args.dtype,
+            "backbone_img_s": round(B / t_backbone, 2), "engine_img_s": round(B / t_engine, 2),
+            "official_img_s": round(B / t_official, 2), "grouped_img_s": round(B / t_grouped, 2),
+            "engine_vs_backbone": round(t_backbone / t_engine, 3),
+            "engine_vs_official": round(t_official / t_engine, 3),
+            "engine_matches_official": same, "device": device_name(device),
+        }), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--prompts", type=int, nargs="+", default=[10, 50, 200])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""What the sync and async clients share: settings, request building, answer handling, retry policy.
+
+Each endpoint is described once, as a `Call` (see `_calls.py`); `Client` and `AsyncClient` only
+differ in how they send it and how they sleep between attempts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from vpt_client._constants import (
+    DEFAULT_BASE_URL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    ENV_API_KEY,
+    ENV_BASE_URL,
+    __version__,
+)
+from vpt_client._retry import Retry, RetryPolicy
+from vpt_client.errors import APIConnectionError, APITimeoutError, VPTError, make_api_error
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TimeoutTypes = float | httpx.Timeout | None
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One API request: how to send it, whether it may be resent, how to read its answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    retry: Retry
+    params: Mapping[str, Any] | None = None
+    content: bytes | None = None
+    files: list[tuple[str, Any]] | None = None
+    data: Mapping[str, str] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: TimeoutTypes | None = None  # None: the client's
+    # Error statuses handed to `parse` instead of raised (e.g. 503 from /readyz).
+    accept: frozenset[int] = frozenset()
+
+
+class BaseClient:
+    """Configuration and the transport-independent half of every request."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        base_url = base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+        if not base_url.startswith(("http://", "https://")):
+            raise VPTError(f"base URL {base_url!r} must start with http:// or https://", code="invalid_input")
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key if api_key is not None else (os.environ.get(ENV_API_KEY) or None)
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        if max_retries < 0:
+            raise VPTError("max_retries must be >= 0", code="invalid_input")
+        self.max_retries = max_retries
+        self.retry_policy = RetryPolicy(max_retries=max_retries)
+        self._extra_headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    @property
+    def default_headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": f"vpt-client/{__version__}"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(self._extra_headers)
+        return headers
+
+    def _build_request(self, http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> httpx.Request:
+        timeout = self.timeout if call.timeout is None else call.timeout
+        if not isinstance(timeout, httpx.Timeout):
+            timeout = httpx.Timeout(timeout)
+        return http.build_request(
+            call.method,
+            self.base_url + call.path,
+            params=call.params,
+            content=call.content,
+            files=call.files,
+            data=call.data,
+            headers={**self.default_headers, **call.headers},
+            timeout=timeout,
+        )
+
+    def _delay_after_response(self, call: Call[Any], attempt: int, response: httpx.Response) -> float | None:
+        if response.is_success or response.status_code in call.accept:
+            return None
+        delay = self.retry_policy.delay_after_response(call.retry, attempt, response)
+        if delay is not None:
+            logger.info("%s %s answered %d; retrying in %.2fs (retry %d of %d)", call.method, call.path,
+                        response.status_code, delay, attempt + 1, self.max_retries)
+        return delay
+
+    def _delay_after_error(self, call: Call[Any], attempt: int, error: httpx.TransportError) -> float | None:
+        delay = self.retry_policy.delay_after_error(call.retry, attempt, error)
+        if delay is not None:
+            logger.info("%s %s failed (%s); retrying in %.2fs (retry %d of %d)", call.method, call.path,
+                        type(error).__name__, delay, attempt + 1, self.max_retries)
+        return delay
+
+    def _check(self, call: Call[Any], response: httpx.Response) -> None:
+        """Raise the mapped APIError for an error answer `call` does not accept; the body must be read."""
+        if not response.is_success and response.status_code not in call.accept:
+            raise make_api_error(response)
+
+    def _connection_error(self, call: Call[Any], error: httpx.TransportError) -> APIConnectionError:
+        where = f"{call.method} {self.base_url}{call.path}"
+        if isinstance(error, httpx.TimeoutException):
+            return APITimeoutError(f"{where} timed out ({type(error).__name__})")
+        return APIConnectionError(f"{where}: {error or type(error).__name__}")

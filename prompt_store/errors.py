@@ -1,0 +1,54 @@
+"""Errors raised by the `prompt_store` package.
+
+Every backend failure reaches callers as one of these; no redis or OS exception escapes the store
+(the original is chained with `from`). `code` is the stable name the server maps to an HTTP answer.
+"""
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Root of every error raised by prompt_store."""
+
+    code = "store_error"
+
+
+class InvalidId(StoreError, ValueError):
+    """A tenant, task or job id does not match `[A-Za-z0-9._-]{1,64}` (or is `.`/`..`)."""
+
+    code = "invalid_id"
+
+
+class TaskNotFound(StoreError):
+    """No such task for this tenant."""
+
+    code = "task_not_found"
+
+
+class VersionNotFound(StoreError):
+    """The task exists but not this version."""
+
+    code = "version_not_found"
+
+
+class JobNotFound(StoreError):
+    """No such job for this tenant."""
+
+    code = "job_not_found"
+
+
+class StoreConflict(StoreError):
+    """The write contradicts the stored state (terminal job, unexpected state, lost queue claim...)."""
+
+    code = "conflict"
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached or timed out; retrying later may succeed."""
+
+    code = "store_unavailable"
+
+
+class RecordCorrupt(StoreError):
+    """A stored record cannot be decoded or its blob does not match its checksum."""
+
+    code = "record_corrupt"

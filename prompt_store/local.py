@@ -1,0 +1,458 @@
+"""The embedded store: a directory tree on one host.
+
+Layout (see docs/store.md): `tenants/{tenant}/tasks/{task}/head.json` is the current pointer,
+`.../v/{n}.blob` + `.../v/{n}.json` are immutable versions, `tenants/{tenant}/counters/{task}` the
+version counter, `tenants/{tenant}/jobs/{job}.json` job records, `events.log` the change log.
+
+Every file is written to a temp file in its own directory, fsynced, renamed over the target with
+`os.replace` and the directory fsynced, so a reader opens the old file or the new one, never half.
+A put writes the blob and its record before flipping `head.json`, so the pointer only ever names a
+complete version. Writers (threads and processes) are serialised by a thread lock plus a file lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from prompt_store.base import Store, check_put, new_version, verify_blob
+from prompt_store.errors import (JobNotFound, RecordCorrupt, StoreConflict, StoreUnavailable, TaskNotFound,
+                                 VersionNotFound)
+from prompt_store.events import EventHub, Subscription
+from prompt_store.ids import ID_PATTERN, LocalPaths, validate_id, validate_version
+from prompt_store.records import ChangeEvent, JobRecord, TaskInfo, TaskVersion, apply_job_update
+
+log = logging.getLogger(__name__)
+
+_PROCESS_TOKEN = uuid.uuid4().hex  # events written by this process are delivered in-process, not polled
+_LIVE: dict[str, weakref.WeakSet[LocalStore]] = {}  # root -> open stores in this process
+_LIVE_LOCK = threading.Lock()
+EVENT_LOG_MAX_BYTES = 256 * 1024
+EVENT_LOG_KEEP_LINES = 500
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes, fsync: bool) -> None:
+    """Write `data` to `path` so readers see the old or the new content (the caller fsyncs the dir)."""
+    tmp = path.parent / f"~tmp~{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(data: Mapping[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object; FileNotFoundError propagates, anything unreadable is RecordCorrupt."""
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordCorrupt(f"{path.name} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecordCorrupt(f"{path.name} is not a JSON object")
+    return data
+
+
+def _id_entries(directory: Path, suffix: str = "") -> list[str]:
+    """Names in `directory` that are valid ids once `suffix` is stripped (temp and trash names are not)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if suffix and not name.endswith(suffix):
+            continue
+        stem = name[: len(name) - len(suffix)] if suffix else name
+        if ID_PATTERN.fullmatch(stem) and stem not in (".", ".."):
+            out.append(stem)
+    return sorted(out)
+
+
+class LocalStore(Store):
+    """The directory-tree store. Safe across threads and across processes on one host."""
+
+    def __init__(self, root: str | Path, poll_interval: float = 0.2, lock_timeout: float = 30.0,
+                 fsync: bool = True) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.paths = LocalPaths(self.root)
+        self.poll_interval = poll_interval
+        self._fsync = fsync
+        try:
+            for d in (self.root, self.paths.tenants_dir, self.paths.trash):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot use store directory {self.root}: {exc}") from exc
+        self._tlock = threading.RLock()
+        self._flock = FileLock(str(self.paths.write_lock), timeout=lock_timeout, thread_local=False)
+        self._hub = EventHub("local-store-events")
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        with _LIVE_LOCK:
+            _LIVE.setdefault(str(self.root), weakref.WeakSet()).add(self)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # ---- plumbing
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailable(f"store directory {self.root}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._tlock, self._io():
+            try:
+                self._flock.acquire()
+            except Timeout as exc:
+                raise StoreUnavailable(f"timed out waiting for the store write lock {self._flock.lock_file}") from exc
+            try:
+                yield
+            finally:
+                self._flock.release()
+
+    def _mkdirs(self, path: Path) -> None:
+        """Create `path` and missing parents, fsyncing each new entry's parent directory."""
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+            if self._fsync:
+                _fsync_dir(d.parent)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        self._mkdirs(path.parent)
+        _atomic_write(path, data, self._fsync)
+
+    def _sync(self, *dirs: Path) -> None:
+        if self._fsync:
+            for d in dict.fromkeys(dirs):
+                _fsync_dir(d)
+
+    # ---- tasks
+    def _head(self, tenant: str, task_id: str) -> dict[str, Any]:
+        try:
+            return _read_json(self.paths.head(tenant, task_id))
+        except FileNotFoundError:
+            raise TaskNotFound(f"task {task_id!r} not found") from None
+
+    def _record(self, tenant: str, task_id: str, version: int) -> TaskVersion:
+        try:
+            return TaskVersion.from_dict(_read_json(self.paths.record(tenant, task_id, version)))
+        except FileNotFoundError:
+            self._head(tenant, task_id)  # TaskNotFound when the whole task is gone
+            raise VersionNotFound(f"task {task_id!r} has no version {version}") from None
+
+    def _version_numbers(self, tenant: str, task_id: str) -> list[int]:
+        try:
+            names = os.listdir(self.paths.versions_dir(tenant, task_id))
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def _next_version(self, tenant: str, task_id: str) -> int:
+        try:
+            last = int(self.paths.counter(tenant, task_id).read_text())
+        except FileNotFoundError:
+            last = 0
+        except ValueError as exc:
+            raise RecordCorrupt(f"version counter of task {task_id!r} is unreadable") from exc
+        return max([last, *self._version_numbers(tenant, task_id)]) + 1
+
+    def put_task(self, tenant: str, task_id: str, blob: bytes, metadata: Mapping[str, str]) -> TaskVersion:
+        meta = check_put(tenant, task_id, blob, metadata)
+        blob = bytes(blob)
+        with self._writing():
+            n = self._next_version(tenant, task_id)
+            record = new_version(tenant, task_id, n, blob, meta)
+            try:
+                created_at = self._head(tenant, task_id)["created_at"]
+            except TaskNotFound:
+                created_at = record.created_at
+            counter = self.paths.counter(tenant, task_id)
+            self._write(counter, str(n).encode())  # first: a crash never reuses n
+            self._write(self.paths.blob(tenant, task_id, n), blob)
+            self._write(self.paths.record(tenant, task_id, n), _json_bytes(record.to_dict()))
+            self._sync(counter.parent, self.paths.versions_dir(tenant, task_id))
+            head = {"current": n, "created_at": created_at, "updated_at": record.created_at}
+            self._write(self.paths.head(tenant, task_id), _json_bytes(head))  # the flip
+            self._sync(self.paths.task(tenant, task_id))
+            self._publish(ChangeEvent(tenant, task_id, n, "put"))
+        return record
+
+    def get_task(self, tenant: str, task_id: str, version: int | None = None) -> tuple[TaskVersion, bytes]:
+        if version is not None:
+            return self._read_version(tenant, task_id, validate_version(version))
+        for _ in range(2):  # a delete + re-create between the two reads moves `current`: read again
+            n = self.current_version(tenant, task_id)
+            try:
+                return self._read_version(tenant, task_id, n)
+            except (TaskNotFound, VersionNotFound):
+                if self.current_version(tenant, task_id) == n:
+                    raise
+        return self._read_version(tenant, task_id, self.current_version(tenant, task_id))
+
+    def _read_version(self, tenant: str, task_id: str, n: int) -> tuple[TaskVersion, bytes]:
+        with self._io():
+            record = self._record(tenant, task_id, n)
+            try:
+                blob = self.paths.blob(tenant, task_id, n).read_bytes()
+            except FileNotFoundError:
+                raise TaskNotFound(f"task {task_id!r} was deleted") from None
+        verify_blob(record, blob)
+        return record, blob
+
+    def current_version(self, tenant: str, task_id: str) -> int:
+        with self._io():
+            current = self._head(tenant, task_id).get("current")
+        if not isinstance(current, int):
+            raise RecordCorrupt(f"task {task_id!r}: head has no current version")
+        return current
+
+    def get_info(self, tenant: str, task_id: str) -> TaskInfo:
+        with self._io():
+            head = self._head(tenant, task_id)
+            current = self._record(tenant, task_id, head.get("current", 0))
+            count = len(self._version_numbers(tenant, task_id))
+        return TaskInfo(tenant=tenant, task_id=task_id, current_version=current.version, num_versions=count,
+                        created_at=head["created_at"], updated_at=head["updated_at"], current=current)
+
+    def list_tasks(self, tenant: str) -> list[TaskInfo]:
+        out = []
+        with self._io():
+            task_ids = _id_entries(self.paths.tasks_dir(tenant))
+        for task_id in task_ids:
+            with contextlib.suppress(TaskNotFound, VersionNotFound):
+                out.append(self.get_info(tenant, task_id))
+        return out
+
+    def list_versions(self, tenant: str, task_id: str) -> list[TaskVersion]:
+        with self._io():
+            self._head(tenant, task_id)
+            out = []
+            for n in self._version_numbers(tenant, task_id):
+                with contextlib.suppress(VersionNotFound):
+                    out.append(self._record(tenant, task_id, n))
+        return out
+
+    def activate(self, tenant: str, task_id: str, version: int) -> TaskVersion:
+        validate_id(tenant, "tenant")
+        validate_id(task_id)
+        validate_version(version)
+        with self._writing():
+            head = self._head(tenant, task_id)
+            record = self._record(tenant, task_id, version)
+            head = {**head, "current": version, "updated_at": time.time()}
+            self._write(self.paths.head(tenant, task_id), _json_bytes(head))
+            self._sync(self.paths.task(tenant, task_id))
+            self._publish(ChangeEvent(tenant, task_id, version, "activate"))
+        return record
+
+    def delete_task(self, tenant: str, task_id: str) -> None:
+        task_dir = self.paths.task(tenant, task_id)
+        with self._writing():
+            self._head(tenant, task_id)
+            doomed = self.paths.trash / f"~del~{uuid.uuid4().hex}"
+            os.replace(task_dir, doomed)  # one rename: readers see the whole task or none of it
+            self._sync(task_dir.parent)
+            self._publish(ChangeEvent(tenant, task_id, None, "delete"))
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    # ---- jobs
+    def _job(self, tenant: str, job_id: str) -> JobRecord:
+        try:
+            return JobRecord.from_dict(_read_json(self.paths.job(tenant, job_id)))
+        except FileNotFoundError:
+            raise JobNotFound(f"job {job_id!r} not found") from None
+
+    def _put_job(self, job: JobRecord) -> None:
+        path = self.paths.job(job.tenant, job.job_id)
+        self._write(path, _json_bytes(job.to_dict()))
+        self._sync(path.parent)
+
+    def create_job(self, job: JobRecord) -> JobRecord:
+        validate_id(job.tenant, "tenant")
+        validate_id(job.task_id)
+        with self._writing():
+            if self.paths.job(job.tenant, job.job_id).exists():
+                raise StoreConflict(f"job {job.job_id!r} already exists")
+            self._put_job(job)
+        return job
+
+    def update_job(self, tenant: str, job_id: str, *, expect_states: Iterable[str] | None = None,
+                   **fields: Any) -> JobRecord:
+        with self._writing():
+            job = apply_job_update(self._job(tenant, job_id), fields, expect_states)
+            self._put_job(job)
+        return job
+
+    def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        with self._io():
+            return self._job(tenant, job_id)
+
+    def list_jobs(self, tenant: str, task_id: str | None = None, state: str | None = None) -> list[JobRecord]:
+        jobs = []
+        with self._io():
+            for job_id in _id_entries(self.paths.jobs_dir(tenant), ".json"):
+                with contextlib.suppress(JobNotFound):
+                    jobs.append(self._job(tenant, job_id))
+        jobs = [j for j in jobs if (task_id is None or j.task_id == task_id) and (state is None or j.state == state)]
+        return sorted(jobs, key=lambda j: (j.created_at, j.job_id), reverse=True)
+
+    def list_all_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
+        jobs = []
+        for tenant in _id_entries(self.paths.tenants_dir):
+            jobs += [j for j in self.list_jobs(tenant) if states is None or j.state in states]
+        return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
+
+    # ---- training locks (a JSON file holding the holder and a wall-clock expiry)
+    def _lock_state(self, tenant: str, task_id: str) -> dict[str, Any] | None:
+        try:
+            data = _read_json(self.paths.train_lock(tenant, task_id))
+        except (FileNotFoundError, RecordCorrupt):
+            return None
+        return data if data.get("expires_at", 0) > time.time() else None
+
+    def try_lock_task(self, tenant: str, task_id: str, holder: str, ttl_s: float) -> bool:
+        validate_id(holder, "lock holder")
+        with self._writing():
+            state = self._lock_state(tenant, task_id)
+            if state is not None and state.get("holder") != holder:
+                return False
+            path = self.paths.train_lock(tenant, task_id)
+            self._write(path, _json_bytes({"holder": holder, "expires_at": time.time() + ttl_s}))
+        return True
+
+    def release_task_lock(self, tenant: str, task_id: str, holder: str) -> bool:
+        with self._writing():
+            state = self._lock_state(tenant, task_id)
+            if state is None or state.get("holder") != holder:
+                return False
+            self.paths.train_lock(tenant, task_id).unlink(missing_ok=True)
+        return True
+
+    def task_lock_holder(self, tenant: str, task_id: str) -> str | None:
+        with self._io():
+            state = self._lock_state(tenant, task_id)
+        return None if state is None else state.get("holder")
+
+    # ---- events
+    def _publish(self, event: ChangeEvent) -> None:
+        """Append to the event log (for other processes) and hand to this process's subscribers."""
+        line = _json_bytes({**event.to_dict(), "id": uuid.uuid4().hex, "origin": _PROCESS_TOKEN}) + b"\n"
+        path = self.paths.events
+        try:
+            with open(path, "ab") as f:
+                f.write(line)
+                size = f.tell()
+            if size > EVENT_LOG_MAX_BYTES:  # keep the tail; pollers dedupe the kept lines by id
+                tail = path.read_bytes().splitlines(keepends=True)[-EVENT_LOG_KEEP_LINES:]
+                _atomic_write(path, b"".join(tail), fsync=False)
+        except OSError:
+            log.warning("cannot append to the event log %s; other processes miss %s", path, event, exc_info=True)
+        with _LIVE_LOCK:
+            peers = list(_LIVE.get(str(self.root), ()))
+        for store in peers:
+            store._hub.emit(event)
+
+    def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Subscription:
+        sub = self._hub.subscribe(callback)
+        with self._tlock:
+            if self._poller is None:
+                self._poller = threading.Thread(target=self._poll, args=(self._log_position(),),
+                                                name="local-store-poller", daemon=True)
+                self._poller.start()
+        return sub
+
+    def _log_position(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.paths.events)
+            return st.st_ino, st.st_size
+        except FileNotFoundError:
+            return -1, 0
+
+    def _poll(self, position: tuple[int, int]) -> None:
+        """Deliver other processes' events: follow events.log by inode and offset."""
+        inode, offset = position
+        seen: deque[str] = deque(maxlen=4 * EVENT_LOG_KEEP_LINES)
+        while not self._stop.wait(self.poll_interval):
+            try:
+                st = os.stat(self.paths.events)
+                if st.st_ino != inode:
+                    inode, offset = st.st_ino, 0
+                if st.st_size <= offset:
+                    continue
+                with open(self.paths.events, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except OSError:
+                continue
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits
+            offset += len(complete)
+            for line in complete.splitlines():
+                self._deliver_line(line, seen)
+
+    def _deliver_line(self, line: bytes, seen: deque[str]) -> None:
+        try:
+            data = json.loads(line)
+            event = ChangeEvent.from_dict(data)
+        except (ValueError, RecordCorrupt):
+            log.warning("skipping an unreadable event log line: %r", line[:200])
+            return
+        if data.get("origin") == _PROCESS_TOKEN or data.get("id") in seen:
+            return
+        seen.append(data.get("id"))
+        self._hub.emit(event)
+
+    # ---- lifecycle
+    def ping(self) -> None:
+        with self._io():
+            os.stat(self.paths.tenants_dir)
+            if not os.access(self.root, os.W_OK):
+                raise StoreUnavailable(f"store directory {self.root} is not writable")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None and self._poller is not threading.current_thread():
+            self._poller.join(timeout=5)
+        self._hub.close()
+        with _LIVE_LOCK:
+            peers = _LIVE.get(str(self.root))
+            if peers is not None:
+                peers.discard(self)

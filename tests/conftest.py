@@ -1,0 +1,20 @@
+"""Shared fixtures live in tests/fixtures/, one module per concern."""
+from __future__ import annotations
+
+import os
+
+# Triton reads TRITON_INTERPRET when it is imported: without CUDA, kernels run in its interpreter.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # the client's tests run without torch too
+    pass
+
+pytest_plugins = [
+    "tests.fixtures.vit",
+    "tests.fixtures.redis_server",
+    "tests.fixtures.digits",
+    "tests.fixtures.live_server",
+]

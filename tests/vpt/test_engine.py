@@ -1,0 +1,159 @@
+"""The mixed-task engine against an independent per-sample implementation of the official formulation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from vpt.backbone import Backbone, load_backbone
+from vpt.engine import forward_features, forward_logits, stack_slots, task_slot_tensors, training_table
+from vpt.task import TaskParams, TaskSpec
+
+
+@pytest.fixture(scope="module")
+def bb64(tiny_vit_file) -> Backbone:
+    return load_backbone(TINY_NAME, weights=tiny_vit_file, model_kwargs=TINY_KWARGS, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def bb_reg() -> Backbone:
+    """Register tokens, layer scale, qkv bias, position embedding without the prefix tokens."""
+    torch.manual_seed(3)
+    kwargs = {**TINY_KWARGS, "reg_tokens": 2, "init_values": 0.5, "qkv_bias": True, "no_embed_class": True}
+    return load_backbone(TINY_NAME, pretrained=False, model_kwargs=kwargs, dtype=torch.float64)
+
+
+def make_task(bb: Backbone, method: str, p: int, classes: int, seed: int) -> TaskParams:
+    g = torch.Generator().manual_seed(seed)
+    spec = TaskSpec(method=method, num_prompts=p, classes=tuple(f"c{i}" for i in range(classes)))
+    params = TaskParams.new(spec, bb, generator=g)
+    with torch.no_grad():  # larger than the init so that a wrong prompt path shows up clearly
+        if params.prompts is not None:
+            params.prompts.normal_(0.0, 1.0, generator=g)
+        params.head.bias.normal_(0.0, 1.0, generator=g)
+    return params
+
+
+def official(bb: Backbone, image: torch.Tensor, params: TaskParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official VPT forward for one image: [CLS(+regs), P, patches], deep slice replacement, timm blocks."""
+    m = bb.model
+    x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(image[None]))))  # (1, N0, d)
+    npre, spec = m.num_prefix_tokens, params.spec
+    prompts = params.prompts.to(x.dtype) if params.prompts is not None else None
+    p = spec.num_prompts
+    if prompts is not None:
+        x = torch.cat([x[:, :npre], prompts[0][None], x[:, npre:]], dim=1)
+    for layer, blk in enumerate(m.blocks):
+        if spec.method == "vpt-deep" and layer >= 1:
+            x = torch.cat([x[:, :npre], prompts[layer][None], x[:, npre + p:]], dim=1)
+        x = blk(x)
+    cls = m.norm(x)[0, 0]
+    return cls, params.head.to(x.dtype)(cls)
+
+
+TASKS = [("vpt-deep", 1, 3), ("vpt-deep", 10, 5), ("vpt-deep", 50, 2), ("vpt-shallow", 5, 7),
+         ("vpt-shallow", 20, 4), ("linear", 0, 6)]
+
+
+@pytest.mark.parametrize("which", ["plain", "registers"])
+def test_mixed_batch_equals_official_per_sample(which: str, bb64: Backbone, bb_reg: Backbone) -> None:
+    bb = bb64 if which == "plain" else bb_reg
+    tasks = [make_task(bb, m, p, c, seed=i) for i, (m, p, c) in enumerate(TASKS)]
+    table = stack_slots(bb, [task_slot_tensors(bb, t) for t in tasks])
+    slot = torch.tensor([0, 1, 2, 3, 4, 5, 3, 0, 5, 2])
+    images = torch.randn(len(slot), 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        logits = forward_logits(bb, images, table, slot)
+        for b, s in enumerate(slot.tolist()):
+            _, ref = official(bb, images[b], tasks[s])
+            c = tasks[s].spec.num_classes
+            torch.testing.assert_close(logits[b, :c], ref, rtol=0, atol=1e-10)
+            assert torch.isinf(logits[b, c:]).all() and (logits[b, c:] < 0).all()
+
+
+def test_linear_features_equal_timm_forward_features(bb64: Backbone) -> None:
+    t = make_task(bb64, "linear", 0, 3, seed=1)
+    table = stack_slots(bb64, [task_slot_tensors(bb64, t)])
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        ours = forward_features(bb64, images, table, torch.zeros(4, dtype=torch.long))
+        timm_cls = bb64.model.forward_features(images)[:, 0]
+    torch.testing.assert_close(ours, timm_cls, rtol=0, atol=1e-12)
+
+
+def test_batch_invariance(bb64: Backbone) -> None:
+    tasks = [make_task(bb64, m, p, c, seed=10 + i) for i, (m, p, c) in enumerate(TASKS)]
+    table = stack_slots(bb64, [task_slot_tensors(bb64, t) for t in tasks])
+    images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    slot = torch.tensor([0, 1, 2, 3, 4, 5])
+    perm = torch.tensor([4, 2, 5, 0, 3, 1])
+    with torch.inference_mode():
+        base = forward_logits(bb64, images, table, slot)
+        permuted = forward_logits(bb64, images[perm], table, slot[perm])
+        torch.testing.assert_close(permuted, base[perm], rtol=0, atol=1e-12)
+        # new batch-mates: sample 0 alongside different tasks and images
+        mates = torch.cat([images[:1], torch.randn(3, 3, 32, 32, dtype=torch.float64)])
+        alone = forward_logits(bb64, mates, table, torch.tensor([0, 3, 3, 4]))
+        torch.testing.assert_close(alone[0], base[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow", "linear"])
+def test_gradients_reach_prompts_and_head_only_and_match_finite_differences(method: str, bb64: Backbone) -> None:
+    params = make_task(bb64, method, 3, 4, seed=5).double()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1])
+
+    def loss_fn() -> torch.Tensor:
+        table, slot = training_table(bb64, params, 3, dropout=0.0, training=True)
+        return torch.nn.functional.cross_entropy(forward_logits(bb64, images, table, slot), labels)
+
+    loss = loss_fn()
+    loss.backward()
+    assert all(p.grad is None for p in bb64.model.parameters())
+    trainable = [p for p in params.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    for _ in range(3):  # directional derivatives against central finite differences
+        dirs = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in trainable]
+        analytic = sum((p.grad * u).sum() for p, u in zip(trainable, dirs))
+        with torch.no_grad():
+            for p, u in zip(trainable, dirs):
+                p += eps * u
+            up = loss_fn()
+            for p, u in zip(trainable, dirs):
+                p -= 2 * eps * u
+            down = loss_fn()
+            for p, u in zip(trainable, dirs):
+                p += eps * u
+        torch.testing.assert_close((up - down) / (2 * eps), analytic, rtol=1e-5, atol=1e-8)
+
+
+def test_per_sample_prompt_dropout_in_training(bb64: Backbone) -> None:
+    params = make_task(bb64, "vpt-deep", 4, 3, seed=2).double()
+    table, slot = training_table(bb64, params, 5, dropout=0.5, training=True)
+    assert table.deep_k.shape[1] == 5 and slot.tolist() == [0, 1, 2, 3, 4]
+    assert not torch.equal(table.deep_k[:, 0], table.deep_k[:, 1])  # each sample its own mask
+    table_eval, slot_eval = training_table(bb64, params, 5, dropout=0.5, training=False)
+    assert table_eval.deep_k.shape[1] == 1 and slot_eval.tolist() == [0] * 5
+
+
+def test_training_table_equals_bank_tensors(bb64: Backbone) -> None:
+    params = make_task(bb64, "vpt-deep", 6, 3, seed=4)
+    table, _ = training_table(bb64, params.double(), 1, dropout=0.0, training=False)
+    bank = task_slot_tensors(bb64, params)
+    torch.testing.assert_close(table.deep_k[:, 0].detach(), bank.deep_k, rtol=0, atol=1e-12)
+    torch.testing.assert_close(table.deep_v[:, 0].detach(), bank.deep_v, rtol=0, atol=1e-12)
+
+
+def test_float32_engine_close_to_float64(tiny_backbone: Backbone, bb64: Backbone) -> None:
+    tasks = [make_task(bb64, m, p, c, seed=20 + i) for i, (m, p, c) in enumerate(TASKS)]
+    slot = torch.tensor([0, 1, 2, 3, 4, 5])
+    images = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        t32 = stack_slots(tiny_backbone, [task_slot_tensors(tiny_backbone, t) for t in tasks])
+        t64 = stack_slots(bb64, [task_slot_tensors(bb64, t) for t in tasks])
+        out32 = forward_logits(tiny_backbone, images, t32, slot)
+        out64 = forward_logits(bb64, images.double(), t64, slot)
+    finite = torch.isfinite(out64)
+    torch.testing.assert_close(out32[finite].double(), out64[finite], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,126 @@
+"""Task specs, official initialisation, parameter accounting, and the task file."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from vpt.backbone import Backbone, load_backbone
+from vpt.errors import TaskFileError, TaskSpecError
+from vpt.task import HEAD_BIAS_INIT, TaskParams, TaskSpec, load_task_file, read_metadata, save_task_file
+
+
+def spec(method: str = "vpt-deep", p: int = 4, classes: int = 3) -> TaskSpec:
+    return TaskSpec(method=method, num_prompts=p, classes=tuple(f"class {i}" for i in range(classes)))
+
+
+def test_parameter_accounting_vit_b16() -> None:
+    deep = TaskParams(spec("vpt-deep", 50, 10), embed_dim=768, depth=12).num_trainable()
+    shallow = TaskParams(spec("vpt-shallow", 50, 10), embed_dim=768, depth=12).num_trainable()
+    linear = TaskParams(spec("linear", 0, 10), embed_dim=768, depth=12).num_trainable()
+    assert deep["prompts"] == 460_800
+    assert shallow["prompts"] == 38_400
+    assert linear["prompts"] == 0 and linear["head"] == 768 * 10 + 10
+    # the official demo's count: deep p=100 on ViT-B plus a 6-class head
+    assert TaskParams(spec("vpt-deep", 100, 6), 768, 12).num_trainable()["total"] == 926_214
+
+
+def test_official_initialisation(tiny_backbone: Backbone) -> None:
+    torch.manual_seed(0)
+    params = TaskParams.new(spec("vpt-deep", 50, 40), tiny_backbone)
+    bound = math.sqrt(6 / (3 * 8 * 8 + 64))
+    assert tiny_backbone.prompt_init_bound == pytest.approx(bound)
+    assert params.prompts.abs().max() <= bound and params.prompts.abs().max() > 0.9 * bound
+    assert params.prompts.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.all(params.head.bias == HEAD_BIAS_INIT) and HEAD_BIAS_INIT == pytest.approx(-4.59512, abs=1e-5)
+    assert params.head.weight.std().item() == pytest.approx(math.sqrt(2 / 40), rel=0.1)
+    vitb = Backbone.__new__(Backbone)
+    object.__setattr__(vitb, "patch_size", (16, 16))
+    object.__setattr__(vitb, "embed_dim", 768)
+    assert vitb.prompt_init_bound == pytest.approx(0.0625)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"method": "prompt-tuning", "num_prompts": 4, "classes": ("a", "b")},
+    {"method": "vpt-deep", "num_prompts": 0, "classes": ("a", "b")},
+    {"method": "vpt-shallow", "num_prompts": 5, "classes": ()},
+    {"method": "vpt-deep", "num_prompts": 5, "classes": ("a", "a")},
+    {"method": "vpt-deep", "num_prompts": 5, "classes": ("a", "b"), "prompt_dropout": 1.5},
+])
+def test_invalid_specs_are_refused(kwargs: dict) -> None:
+    with pytest.raises(TaskSpecError):
+        TaskSpec(**kwargs)
+
+
+@pytest.mark.parametrize("method,p", [("vpt-deep", 4), ("vpt-shallow", 7), ("linear", 0)])
+def test_task_file_round_trip(tiny_backbone: Backbone, method: str, p: int) -> None:
+    params = TaskParams.new(spec(method, p, 5), tiny_backbone)
+    blob = save_task_file(params, tiny_backbone, extra={"metrics": {"val_acc": 0.9}})
+    meta = read_metadata(blob)
+    assert meta["format"] == "vpt-task/1" and meta["method"] == method
+    assert json.loads(meta["classes"]) == [f"class {i}" for i in range(5)]
+    assert json.loads(meta["metrics"]) == {"val_acc": 0.9}
+    loaded = load_task_file(blob, tiny_backbone)
+    assert loaded.spec == params.spec
+    torch.testing.assert_close(loaded.params.head.weight, params.head.weight, rtol=0, atol=0)
+    if p:
+        torch.testing.assert_close(loaded.params.prompts, params.prompts, rtol=0, atol=0)
+        assert loaded.params.prompts.shape[0] == (tiny_backbone.depth if method == "vpt-deep" else 1)
+
+
+def _blob_with(tensors: dict, meta: dict) -> bytes:
+    return st_save(tensors, metadata=meta)
+
+
+def _good(tiny_backbone: Backbone) -> tuple[dict, dict]:
+    params = TaskParams.new(spec("vpt-deep", 4, 3), tiny_backbone)
+    blob = save_task_file(params, tiny_backbone)
+    from safetensors.torch import load
+
+    return load(blob), read_metadata(blob)
+
+
+def test_corrupt_truncated_and_mismatched_files(tiny_backbone: Backbone) -> None:
+    tensors, meta = _good(tiny_backbone)
+    blob = _blob_with(tensors, meta)
+    cases = {
+        "random bytes": b"\x00\x13garbage" * 10,
+        "empty": b"",
+        "truncated tail": blob[:-10],
+        "truncated header": blob[:40],
+        "wrong format": _blob_with(tensors, {**meta, "format": "vpt-task/9"}),
+        "classes vs head": _blob_with(tensors, {**meta, "classes": json.dumps(["a", "b"])}),
+        "prompt count": _blob_with(tensors, {**meta, "num_prompts": "5"}),
+        "missing head": _blob_with({"prompts": tensors["prompts"]}, meta),
+        "extra tensor": _blob_with({**tensors, "x": torch.zeros(1)}, meta),
+        "nan": _blob_with({**tensors, "head.bias": torch.full((3,), float("nan"))}, meta),
+        "wrong depth": _blob_with({**tensors, "prompts": tensors["prompts"][:2].contiguous()}, meta),
+        "wrong width": _blob_with({**tensors, "head.weight": torch.zeros(3, 32)}, meta),
+        "bad method": _blob_with(tensors, {**meta, "method": "lora"}),
+        "classes not json": _blob_with(tensors, {**meta, "classes": "[oops"}),
+    }
+    for name, bad in cases.items():
+        with pytest.raises(TaskFileError) as err:
+            load_task_file(bad, tiny_backbone)
+        assert err.value.code == "task_file_invalid", name
+        assert str(err.value), name
+    other = _blob_with(tensors, {**meta, "backbone_fingerprint": "0" * 64})
+    with pytest.raises(TaskFileError) as err:
+        load_task_file(other, tiny_backbone)
+    assert err.value.code == "backbone_mismatch" and "fingerprint" in str(err.value)
+
+
+def test_file_from_a_different_backbone_is_refused(tiny_vit_file) -> None:
+    wide = load_backbone(TINY_NAME, pretrained=False, model_kwargs={**TINY_KWARGS, "embed_dim": 96, "num_heads": 3})
+    narrow = load_backbone(TINY_NAME, weights=tiny_vit_file, model_kwargs=TINY_KWARGS)
+    blob = save_task_file(TaskParams.new(spec(), wide), wide)
+    with pytest.raises(TaskFileError) as err:
+        load_task_file(blob, narrow)
+    assert err.value.code == "backbone_mismatch"
+    with pytest.raises(TaskFileError) as err:  # even when told to ignore fingerprints, shapes are checked
+        load_task_file(blob, narrow, check_fingerprint=False)
+    assert "shape" in str(err.value)
