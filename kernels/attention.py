@@ -45,11 +45,19 @@ def _triton_available_for(t: Tensor) -> bool:
     return False
 
 
-def resolve_backend(q: Tensor, backend: str | None = None) -> str:
-    """Pick the backend for these tensors: Triton on CUDA, torch elsewhere, unless overridden."""
+def resolve_backend(q: Tensor, backend: str | None = None, *, needs_grad: bool = False) -> str:
+    """Pick the backend for these tensors: Triton on CUDA, torch elsewhere, unless overridden.
+
+    The Triton kernel is forward-only: when gradients are needed the torch path runs, unless this
+    call named `backend="triton"` itself, which is an error.
+    """
     name = backend or _default_backend
     if name not in _BACKENDS:
         raise AttentionInputError(f"unknown attention backend {name!r}; expected one of {_BACKENDS}")
+    if needs_grad:
+        if backend == "triton":
+            raise BackendUnavailable("the Triton attention kernel has no backward; use backend='torch' to train")
+        return "torch"
     if name == "auto":
         return "triton" if _triton_available_for(q) else "torch"
     return name
@@ -107,11 +115,13 @@ def attention(
     """
     if check:
         check_inputs(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len)
-    name = resolve_backend(q, backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bank_k, bank_v))
+    name = resolve_backend(q, backend, needs_grad=needs_grad)
     if name == "triton":
         try:
             from kernels.triton_attention import triton_attention
         except ImportError as e:
             raise BackendUnavailable(f"the Triton attention kernel is unavailable: {e}") from e
-        return triton_attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, scale)
+        return triton_attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, scale, check=check)
     return torch_attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, scale)

@@ -42,6 +42,12 @@ class StoreConflict(StoreError):
     code = "conflict"
 
 
+class JobFinished(StoreConflict):
+    """The job is already in a terminal state (succeeded, failed, cancelled); it cannot change state."""
+
+    code = "job_finished"
+
+
 class StoreUnavailable(StoreError):
     """The backend cannot be reached or timed out; retrying later may succeed."""
 

@@ -136,11 +136,8 @@ class LocalPaths:
     def versions_dir(self, tenant: str, task_id: str) -> Path:
         return self.task(tenant, task_id) / "v"
 
-    def blob(self, tenant: str, task_id: str, version: int) -> Path:
-        return self.versions_dir(tenant, task_id) / f"{validate_version(version)}.blob"
-
-    def record(self, tenant: str, task_id: str, version: int) -> Path:
-        return self.versions_dir(tenant, task_id) / f"{validate_version(version)}.json"
+    def version(self, tenant: str, task_id: str, version: int) -> Path:
+        return self.versions_dir(tenant, task_id) / f"{validate_version(version)}.ver"  # record + blob
 
     def counter(self, tenant: str, task_id: str) -> Path:
         return self.tenant(tenant) / "counters" / validate_id(task_id)  # survives delete

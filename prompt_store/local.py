@@ -1,12 +1,12 @@
 """The embedded store: a directory tree on one host.
 
 Layout (see docs/store.md): `tenants/{tenant}/tasks/{task}/head.json` is the current pointer,
-`.../v/{n}.blob` + `.../v/{n}.json` are immutable versions, `tenants/{tenant}/counters/{task}` the
-version counter, `tenants/{tenant}/jobs/{job}.json` job records, `events.log` the change log.
+`.../v/{n}.ver` are immutable versions (record and blob in one file), `tenants/{tenant}/counters/{task}`
+the version counter, `tenants/{tenant}/jobs/{job}.json` job records, `events.log` the change log.
 
 Every file is written to a temp file in its own directory, fsynced, renamed over the target with
 `os.replace` and the directory fsynced, so a reader opens the old file or the new one, never half.
-A put writes the blob and its record before flipping `head.json`, so the pointer only ever names a
+A put makes the version file durable before flipping `head.json`, so the pointer only ever names a
 complete version. Writers (threads and processes) are serialised by a thread lock plus a file lock.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ _LIVE: dict[str, weakref.WeakSet[LocalStore]] = {}  # root -> open stores in thi
 _LIVE_LOCK = threading.Lock()
 EVENT_LOG_MAX_BYTES = 256 * 1024
 EVENT_LOG_KEEP_LINES = 500
+_HEADER = struct.Struct(">I")  # a version file is: JSON length, the TaskVersion JSON, the blob
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,6 +83,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecordCorrupt(f"{path.name} is not a JSON object")
     return data
+
+
+def _version_bytes(record: TaskVersion, blob: bytes) -> bytes:
+    head = _json_bytes(record.to_dict())
+    return _HEADER.pack(len(head)) + head + blob
+
+
+def _read_version_file(path: Path, with_blob: bool) -> tuple[TaskVersion, bytes | None]:
+    """Parse a version file (FileNotFoundError propagates); only the header is read without the blob."""
+    with open(path, "rb") as f:
+        raw = f.read() if with_blob else f.read(_HEADER.size)
+        if len(raw) < _HEADER.size:
+            raise RecordCorrupt(f"{path.name} is truncated")
+        (n,) = _HEADER.unpack_from(raw)
+        if not with_blob:
+            raw += f.read(n)
+    try:
+        record = TaskVersion.from_dict(json.loads(raw[_HEADER.size:_HEADER.size + n]))
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise RecordCorrupt(f"{path.name} has an unreadable record: {exc}") from exc
+    return record, (raw[_HEADER.size + n:] if with_blob else None)
 
 
 def _id_entries(directory: Path, suffix: str = "") -> list[str]:
@@ -156,9 +179,9 @@ class LocalStore(Store):
             if self._fsync:
                 _fsync_dir(d.parent)
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: Path, data: bytes, fsync: bool = True) -> None:
         self._mkdirs(path.parent)
-        _atomic_write(path, data, self._fsync)
+        _atomic_write(path, data, self._fsync and fsync)
 
     def _sync(self, *dirs: Path) -> None:
         if self._fsync:
@@ -172,9 +195,10 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise TaskNotFound(f"task {task_id!r} not found") from None
 
-    def _record(self, tenant: str, task_id: str, version: int) -> TaskVersion:
+    def _record(self, tenant: str, task_id: str, version: int, with_blob: bool = False
+                ) -> tuple[TaskVersion, bytes | None]:
         try:
-            return TaskVersion.from_dict(_read_json(self.paths.record(tenant, task_id, version)))
+            return _read_version_file(self.paths.version(tenant, task_id, version), with_blob)
         except FileNotFoundError:
             self._head(tenant, task_id)  # TaskNotFound when the whole task is gone
             raise VersionNotFound(f"task {task_id!r} has no version {version}") from None
@@ -184,7 +208,7 @@ class LocalStore(Store):
             names = os.listdir(self.paths.versions_dir(tenant, task_id))
         except FileNotFoundError:
             return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        return sorted(int(n[:-4]) for n in names if n.endswith(".ver") and n[:-4].isdigit())
 
     def _next_version(self, tenant: str, task_id: str) -> int:
         try:
@@ -205,11 +229,10 @@ class LocalStore(Store):
                 created_at = self._head(tenant, task_id)["created_at"]
             except TaskNotFound:
                 created_at = record.created_at
-            counter = self.paths.counter(tenant, task_id)
-            self._write(counter, str(n).encode())  # first: a crash never reuses n
-            self._write(self.paths.blob(tenant, task_id, n), blob)
-            self._write(self.paths.record(tenant, task_id, n), _json_bytes(record.to_dict()))
-            self._sync(counter.parent, self.paths.versions_dir(tenant, task_id))
+            # The counter only has to outlive the versions: delete_task makes it durable first.
+            self._write(self.paths.counter(tenant, task_id), str(n).encode(), fsync=False)
+            self._write(self.paths.version(tenant, task_id, n), _version_bytes(record, blob))
+            self._sync(self.paths.versions_dir(tenant, task_id))
             head = {"current": n, "created_at": created_at, "updated_at": record.created_at}
             self._write(self.paths.head(tenant, task_id), _json_bytes(head))  # the flip
             self._sync(self.paths.task(tenant, task_id))
@@ -230,11 +253,8 @@ class LocalStore(Store):
 
     def _read_version(self, tenant: str, task_id: str, n: int) -> tuple[TaskVersion, bytes]:
         with self._io():
-            record = self._record(tenant, task_id, n)
-            try:
-                blob = self.paths.blob(tenant, task_id, n).read_bytes()
-            except FileNotFoundError:
-                raise TaskNotFound(f"task {task_id!r} was deleted") from None
+            record, blob = self._record(tenant, task_id, n, with_blob=True)
+        assert blob is not None
         verify_blob(record, blob)
         return record, blob
 
@@ -248,7 +268,7 @@ class LocalStore(Store):
     def get_info(self, tenant: str, task_id: str) -> TaskInfo:
         with self._io():
             head = self._head(tenant, task_id)
-            current = self._record(tenant, task_id, head.get("current", 0))
+            current, _ = self._record(tenant, task_id, head.get("current", 0))
             count = len(self._version_numbers(tenant, task_id))
         return TaskInfo(tenant=tenant, task_id=task_id, current_version=current.version, num_versions=count,
                         created_at=head["created_at"], updated_at=head["updated_at"], current=current)
@@ -268,7 +288,7 @@ class LocalStore(Store):
             out = []
             for n in self._version_numbers(tenant, task_id):
                 with contextlib.suppress(VersionNotFound):
-                    out.append(self._record(tenant, task_id, n))
+                    out.append(self._record(tenant, task_id, n)[0])
         return out
 
     def activate(self, tenant: str, task_id: str, version: int) -> TaskVersion:
@@ -277,7 +297,7 @@ class LocalStore(Store):
         validate_version(version)
         with self._writing():
             head = self._head(tenant, task_id)
-            record = self._record(tenant, task_id, version)
+            record, _ = self._record(tenant, task_id, version)
             head = {**head, "current": version, "updated_at": time.time()}
             self._write(self.paths.head(tenant, task_id), _json_bytes(head))
             self._sync(self.paths.task(tenant, task_id))
@@ -288,6 +308,11 @@ class LocalStore(Store):
         task_dir = self.paths.task(tenant, task_id)
         with self._writing():
             self._head(tenant, task_id)
+            counter = self.paths.counter(tenant, task_id)
+            if self._fsync and counter.exists():  # the numbers must survive the versions
+                with open(counter, "rb") as f:
+                    os.fsync(f.fileno())
+                _fsync_dir(counter.parent)
             doomed = self.paths.trash / f"~del~{uuid.uuid4().hex}"
             os.replace(task_dir, doomed)  # one rename: readers see the whole task or none of it
             self._sync(task_dir.parent)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prompt_store.errors import RecordCorrupt, StoreConflict
+from prompt_store.errors import JobFinished, RecordCorrupt, StoreConflict
 from prompt_store.ids import new_job_id, validate_id
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -153,7 +153,7 @@ def apply_job_update(job: JobRecord, fields: Mapping[str, Any],
 
     - `job_id`, `tenant`, `task_id`, `created_at` cannot change; unknown fields are a TypeError;
     - with `expect_states`, the job must currently be in one of them, else StoreConflict;
-    - a terminal state is final: moving a terminal job to another state is a StoreConflict;
+    - a terminal state is final: moving a terminal job to another state is JobFinished (a StoreConflict);
     - `updated_at` becomes now; entering `running` sets `started_at`, entering a terminal state sets
       `finished_at` (unless the caller passes them).
     """
@@ -167,10 +167,11 @@ def apply_job_update(job: JobRecord, fields: Mapping[str, Any],
     if expect_states is not None:
         allowed = set(expect_states)
         if job.state not in allowed:
-            raise StoreConflict(f"job {job.job_id} is {job.state}, expected one of {sorted(allowed)}")
+            error = JobFinished if job.terminal else StoreConflict
+            raise error(f"job {job.job_id} is {job.state}, expected one of {sorted(allowed)}")
     new_state = fields.get("state", job.state)
     if job.terminal and new_state != job.state:
-        raise StoreConflict(f"job {job.job_id} is already {job.state}")
+        raise JobFinished(f"job {job.job_id} is already {job.state}")
     now = time.time() if now is None else now
     changes: dict[str, Any] = {"updated_at": now, **fields}
     if new_state != job.state:

@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import timm.data
-from timm.data.transforms import str_to_interp_mode
 from PIL import Image
+from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
 from torchvision import transforms as T
 

@@ -31,6 +31,11 @@ class TrainOptions(TypedDict, total=False):
     sweep: str  # "none", "small" or "paper"
     seed: int
     val_fraction: float
+    warmup_epochs: int
+    augmentation: str
+    keep: str  # "best" (by validation accuracy) or "last"
+    mixed_precision: str
+    num_workers: int
 
 
 END = object()  # job_from_event's answer to `event: end`

@@ -83,7 +83,8 @@ def detect_format(path: Path) -> str:
             return f"tar.{comp}"
     if head[257:262] == b"ustar":
         return "tar"
-    raise DatasetError(E.ARCHIVE_INVALID, "the dataset is not a zip or tar archive (.zip, .tar, .tar.gz, .tgz)")
+    raise DatasetError(E.ARCHIVE_INVALID, "the dataset is not a zip or tar archive "
+                                          "(.zip, .tar, .tar.gz, .tgz)")
 
 
 def member_path(name: str) -> PurePosixPath | None:
@@ -111,7 +112,8 @@ def extract_archive(archive: Path, dest: Path, limits: IngestLimits) -> ExtractR
     """Extract `archive` into the existing directory `dest`, enforcing `limits`."""
     size = archive.stat().st_size
     if size > limits.max_archive_bytes:
-        raise DatasetError(E.TOO_LARGE, f"the archive is {size} bytes; the limit is {limits.max_archive_bytes}")
+        raise DatasetError(E.TOO_LARGE, f"the archive is {size} bytes; "
+                                        f"the limit is {limits.max_archive_bytes}")
     fmt = detect_format(archive)
     result = ExtractResult(format=fmt)
     try:
@@ -121,8 +123,8 @@ def extract_archive(archive: Path, dest: Path, limits: IngestLimits) -> ExtractR
         else:
             with open(archive, "rb") as raw_file:
                 raw = _CountingReader(raw_file)
-                mode = "r|" + fmt.partition(".")[2]
-                with tarfile.open(fileobj=raw, mode=mode) as tf:  # type: ignore[call-overload]
+                mode = "r|" + fmt.partition(".")[2]  # a forward-only stream: nothing is seeked or indexed
+                with tarfile.open(fileobj=raw, mode=mode, tarinfo=_BoundedTarInfo) as tf:  # type: ignore
                     _copy_entries(_tar_entries(tf, raw), dest, limits, result)
     except DatasetError:
         raise
@@ -133,6 +135,21 @@ def extract_archive(archive: Path, dest: Path, limits: IngestLimits) -> ExtractR
     log.info("extracted %d files (%d bytes, %d members, %d skipped) from %s",
              len(result.files), result.total_bytes, result.members, len(result.skipped), archive.name)
     return result
+
+
+_TAR_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                   tarfile.SOLARIS_XHDTYPE)
+MAX_TAR_META_BYTES = 1 << 20
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads long-name and pax header blocks whole into memory: refuse huge ones first."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_META_TYPES and self.size > MAX_TAR_META_BYTES:
+            raise DatasetError(E.TOO_LARGE, f"a tar metadata block declares {self.size} bytes; "
+                                            f"the limit is {MAX_TAR_META_BYTES}")
+        return super()._proc_member(tf)  # type: ignore[misc]
 
 
 class _CountingReader:
@@ -151,7 +168,8 @@ class _CountingReader:
 def _zip_entries(zf: zipfile.ZipFile, limits: IngestLimits) -> Iterator[_Entry]:
     infos = zf.infolist()
     if len(infos) > limits.max_members:
-        raise DatasetError(E.TOO_LARGE, f"the archive has {len(infos)} entries; the limit is {limits.max_members}")
+        raise DatasetError(E.TOO_LARGE, f"the archive has {len(infos)} entries; "
+                                        f"the limit is {limits.max_members}")
     declared = sum(i.file_size for i in infos)
     if declared > limits.max_total_bytes:
         raise DatasetError(E.TOO_LARGE, f"the archive expands to {declared} bytes; "
@@ -205,6 +223,8 @@ def _copy_entries(entries: Iterator[_Entry], dest: Path, limits: IngestLimits, r
             continue  # once anything is refused, only keep naming the other offenders
         if is_junk(rel):
             result.skipped.append(entry.name)
+            if len(rel.parts) > 1 and not is_junk(rel.parent):  # `cls/.DS_Store` alone: an empty class
+                _make_dirs(dest, rel.parts[:-1], real_dest, entry.name)
         elif entry.kind == "dir":
             _make_dirs(dest, rel.parts, real_dest, entry.name)
         else:
@@ -229,7 +249,7 @@ def _check_declared(entry: _Entry, limits: IngestLimits, total: int) -> None:
         raise DatasetError(E.TOO_LARGE, f"the archive expands to more than {limits.max_total_bytes} bytes",
                            [entry.name])
     comp = entry.declared_compressed
-    if comp is not None and entry.size > limits.ratio_floor_bytes and entry.size > limits.max_ratio * max(comp, 1):
+    if comp is not None and entry.size > max(limits.ratio_floor_bytes, limits.max_ratio * max(comp, 1)):
         raise DatasetError(E.BOMB, f"an entry expands {entry.size / max(comp, 1):.0f}x; "
                                    f"the limit is {limits.max_ratio:g}x", [entry.name])
 
@@ -254,7 +274,8 @@ def _make_dirs(dest: Path, parts: tuple[str, ...], real_dest: str, name: str) ->
         target.mkdir(parents=True, exist_ok=True)
     real = os.path.realpath(target)
     if os.path.commonpath([real, real_dest]) != real_dest:  # only a link could do this; we never make one
-        raise DatasetError(E.UNSAFE_PATH, "an archive entry resolves outside the extraction directory", [name])
+        raise DatasetError(E.UNSAFE_PATH, "an archive entry resolves outside the extraction directory",
+                           [name])
 
 
 def _write_member(entry: _Entry, target: Path, limits: IngestLimits, total_before: int) -> int:
@@ -267,8 +288,8 @@ def _write_member(entry: _Entry, target: Path, limits: IngestLimits, total_befor
         while chunk := src.read(CHUNK):
             written += len(chunk)
             if total_before + written > limits.max_total_bytes:
-                raise DatasetError(E.TOO_LARGE, f"the archive expands to more than {limits.max_total_bytes} bytes",
-                                   [entry.name])
+                raise DatasetError(E.TOO_LARGE, f"the archive expands to more than "
+                                                f"{limits.max_total_bytes} bytes", [entry.name])
             if written > limits.ratio_floor_bytes and written > limits.max_ratio * entry.compressed():
                 raise DatasetError(E.BOMB, f"an entry expands more than {limits.max_ratio:g}x", [entry.name])
             with _local_io(entry.name):

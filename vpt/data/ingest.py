@@ -110,13 +110,15 @@ def _build(dest: Path, layout: Layout, limits: IngestLimits, skipped: list[str],
     if untrained:
         raise DatasetError(E.EMPTY_CLASS, "classes with validation images but no training images", untrained)
     if len(classes) < limits.min_classes:
-        raise DatasetError(E.TOO_FEW_CLASSES, f"found {len(classes)} classes; at least {limits.min_classes} are "
-                           "needed (class folders, train/ and val/ folders, or manifest.csv/.jsonl)", classes)
+        raise DatasetError(E.TOO_FEW_CLASSES, f"found {len(classes)} classes; at least "
+                           f"{limits.min_classes} are needed (class folders, train/ and val/ folders, "
+                           "or manifest.csv/.jsonl)", classes)
     if len(classes) > limits.max_classes:
         raise DatasetError(E.TOO_LARGE, f"found {len(classes)} classes; the limit is {limits.max_classes}")
     few = [c for c in classes if all_counts[c] < limits.min_images_per_class]
     if few:
-        raise DatasetError(E.TOO_FEW_IMAGES, f"every class needs at least {limits.min_images_per_class} images",
+        raise DatasetError(E.TOO_FEW_IMAGES, f"every class needs at least "
+                                             f"{limits.min_images_per_class} images",
                            [f"{c} ({all_counts[c]})" for c in few])
     index = {name: i for i, name in enumerate(classes)}
     train = tuple(Sample(p, index[c]) for p, c in layout.train)

@@ -147,8 +147,8 @@ def _manifest_layout(dest: Path, root: Path, manifests: list[Path], max_rows: in
         raise DatasetError(E.MANIFEST_INVALID, "manifest rows with a bad split (train or val), or a repeated "
                                                "or empty file_name", invalid)
     if missing:
-        raise DatasetError(E.MANIFEST_MISSING_FILE, f"{len(missing)} manifest rows name files that are not in "
-                                                    "the archive", missing)
+        raise DatasetError(E.MANIFEST_MISSING_FILE,
+                           f"{len(missing)} manifest rows name files that are not in the archive", missing)
     kind = "manifest-csv" if manifest.suffix == ".csv" else "manifest-jsonl"
     return Layout(kind, splits["train"], splits["val"] or None)
 
@@ -158,7 +158,7 @@ def _read_csv(path: Path, max_rows: int) -> list[_Row]:
     bad: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(f, strict=True)
             header = [h.strip().lower() for h in next(reader, [])]
             if "file_name" not in header or "label" not in header:
                 raise DatasetError(E.MANIFEST_INVALID, "manifest.csv needs a header row with the columns "
@@ -168,18 +168,21 @@ def _read_csv(path: Path, max_rows: int) -> list[_Row]:
                 if not any(c.strip() for c in rec):
                     continue
                 where = f"{path.name} line {reader.line_num}"
-                if len(rec) != len(header) or not rec[col["file_name"]].strip() or not rec[col["label"]].strip():
+                if len(rec) != len(header):
                     bad.append(where)
                     continue
-                split = rec[col["split"]] if "split" in col else ""
-                rows.append(_Row(where, rec[col["file_name"]].strip(), rec[col["label"]].strip(), split))
+                name, label = rec[col["file_name"]].strip(), rec[col["label"]].strip()
+                if not name or not label:
+                    bad.append(where)
+                    continue
+                rows.append(_Row(where, name, label, rec[col["split"]] if "split" in col else ""))
                 if len(rows) > max_rows:
                     raise DatasetError(E.MANIFEST_INVALID, f"the manifest has more than {max_rows} rows")
     except (csv.Error, UnicodeDecodeError) as e:
         raise DatasetError(E.MANIFEST_INVALID, f"manifest.csv cannot be parsed: {e}") from e
     if bad:
-        raise DatasetError(E.MANIFEST_INVALID, "manifest rows with a missing file_name or label, or the wrong "
-                                               "number of columns", bad)
+        raise DatasetError(E.MANIFEST_INVALID, "manifest rows with a missing file_name or label, "
+                                               "or the wrong number of columns", bad)
     return rows
 
 
@@ -197,8 +200,8 @@ def _read_jsonl(path: Path, max_rows: int) -> list[_Row]:
             if len(rows) > max_rows:
                 raise DatasetError(E.MANIFEST_INVALID, f"the manifest has more than {max_rows} rows")
     if bad:
-        raise DatasetError(E.MANIFEST_INVALID, "manifest lines must be JSON objects with a string file_name and "
-                                               "a string or integer label", bad)
+        raise DatasetError(E.MANIFEST_INVALID, "manifest lines must be JSON objects with a string "
+                                               "file_name and a string or integer label", bad)
     return rows
 
 

@@ -35,8 +35,11 @@ def stratified_split(samples: Sequence[S], val_fraction: float = DEFAULT_VAL_FRA
         n_val = _val_count(len(group), val_fraction)
         val.extend(group[:n_val])
         train.extend(group[n_val:])
-    key = lambda s: (int(s[1]), str(s[0]))  # noqa: E731
-    return sorted(train, key=key), sorted(val, key=key)
+    return sorted(train, key=_order), sorted(val, key=_order)
+
+
+def _order(sample: tuple) -> tuple[int, str]:
+    return int(sample[1]), str(sample[0])
 
 
 def _val_count(n: int, val_fraction: float) -> int:

@@ -1,0 +1,317 @@
+"""The device-resident bank: what a batch gathers, in fixed slots of one PromptTable.
+
+Entries are keyed by (tenant, task, version). A batch pins the slots it uses for as long as it
+runs; a hot-swap loads the new version into another slot and frees the old one once unpinned, so
+an in-flight batch never sees its tensors change. Growing the table (more slots, more prompt rows,
+more classes) builds a new table and copies: batches holding the old table keep reading it.
+Eviction is LRU over unpinned entries, bounded by bytes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from prompt_store.base import Store
+from prompt_store.errors import StoreError
+from prompt_store.records import ChangeEvent
+from vpt.backbone import Backbone
+from vpt.engine import PromptTable, SlotTensors, task_slot_tensors, write_slot
+from vpt.errors import TaskFileError
+from vpt.task import TaskSpec, load_task_file
+
+log = logging.getLogger(__name__)
+
+
+class BankError(StoreError):
+    """Root of the bank's errors."""
+
+    code = "bank_error"
+
+
+class BankFull(BankError):
+    """Every slot is pinned by in-flight batches (or one task alone exceeds the capacity)."""
+
+    code = "bank_full"
+
+
+class TaskUnservable(BankError):
+    """The stored task file cannot be served by this backbone (corrupt, or another backbone's)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    tenant: str
+    task_id: str
+    version: int
+
+
+@dataclass
+class _Entry:
+    key: TaskKey
+    slot: int
+    spec: TaskSpec
+    tensors: SlotTensors          # kept to re-write the slot when the table grows
+    pins: int = 0
+    stale: bool = False           # a newer version is current, or the task was deleted
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    """What a request needs after acquire: its slot, version and class names."""
+
+    key: TaskKey
+    slot: int
+    classes: tuple[str, ...]
+
+
+@dataclass
+class Lease:
+    """Slots pinned for one batch; `table` is the table those slots live in. Release exactly once."""
+
+    table: PromptTable
+    tasks: list[ResolvedTask | None]
+    _entries: list[_Entry] = field(repr=False, default_factory=list)
+    released: bool = False
+
+    def slot_tensor(self, per_request: list[int]) -> Tensor:
+        """(B,) slot index per sample, from the index into `tasks` of each sample."""
+        return torch.tensor([self.tasks[i].slot for i in per_request], dtype=torch.long,
+                            device=self.table.head_w.device)
+
+
+@dataclass(frozen=True)
+class BankStats:
+    hits: int
+    misses: int
+    evictions: int
+    resident_bytes: int
+    resident_tasks: int
+    capacity_bytes: int
+    slots: int
+
+
+def _slot_bytes(bb: Backbone, P: int, Ps: int, C: int) -> int:
+    elt = torch.empty((), dtype=bb.dtype).element_size()
+    per = 2 * bb.depth * bb.num_heads * P * bb.head_dim + Ps * bb.embed_dim + C * bb.embed_dim + C
+    return per * elt + 3 * 8
+
+
+class PromptBank:
+    """LRU-by-bytes slot table on the serving device, fed from a store, invalidated by its events."""
+
+    def __init__(self, backbone: Backbone, store: Store, capacity_bytes: int, *, version_ttl_s: float = 5.0,
+                 subscribe: bool = True) -> None:
+        self.backbone = backbone
+        self.store = store
+        self.capacity_bytes = int(capacity_bytes)
+        self.version_ttl_s = version_ttl_s
+        self._lock = threading.RLock()
+        self._entries: OrderedDict[TaskKey, _Entry] = OrderedDict()   # LRU order: oldest first
+        self._current: dict[tuple[str, str], tuple[int, float]] = {}   # (tenant, task) -> (version, seen at)
+        self._free: list[int] = []
+        self._dims = (0, 0, 1)                                        # P, Ps, C of the table
+        self._orphans: list[_Entry] = []                              # replaced while pinned: slot freed on release
+        self._table = self._allocate(0, *self._dims)
+        self.hits = self.misses = self.evictions = 0
+        self._subscription = store.subscribe(self.on_change) if subscribe else None
+
+    # -- public -----------------------------------------------------------------------------------------
+
+    def acquire(self, tenant: str, task_ids: list[str]) -> Lease:
+        """Pin the current version of each task (loading it on a miss); one lease for the batch."""
+        return self.acquire_many([(tenant, t) for t in task_ids])
+
+    def acquire_many(self, requests: list[tuple[str, str]]) -> Lease:
+        """Pin the current version of each (tenant, task_id); a task may appear several times."""
+        with self._lock:
+            entries: list[_Entry] = []
+            try:
+                for tenant, task_id in requests:
+                    entry = self._get_or_load(tenant, task_id)
+                    entry.pins += 1
+                    entries.append(entry)
+            except BaseException:
+                for e in entries:
+                    self._unpin(e)
+                raise
+            tasks = [ResolvedTask(e.key, e.slot, e.spec.classes) for e in entries]
+            return Lease(table=self._table, tasks=tasks, _entries=entries)
+
+    def acquire_each(self, requests: list[tuple[str, str]]) -> tuple[Lease, list[Exception | None]]:
+        """Pin what can be pinned; a request that fails (missing task, bad file) fails alone.
+
+        `lease.tasks[i]` is None where `errors[i]` is set.
+        """
+        with self._lock:
+            entries: list[_Entry | None] = []
+            errors: list[Exception | None] = []
+            for tenant, task_id in requests:
+                try:
+                    entry = self._get_or_load(tenant, task_id)
+                except StoreError as e:
+                    entries.append(None)
+                    errors.append(e)
+                    continue
+                entry.pins += 1
+                entries.append(entry)
+                errors.append(None)
+            tasks = [ResolvedTask(e.key, e.slot, e.spec.classes) if e is not None else None for e in entries]
+            pinned = [e for e in entries if e is not None]
+            return Lease(table=self._table, tasks=tasks, _entries=pinned), errors
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            if lease.released:
+                return
+            lease.released = True
+            for e in lease._entries:
+                self._unpin(e)
+
+    def on_change(self, event: ChangeEvent) -> None:
+        """A store change event: forget the cached current version; retire unused old versions."""
+        if event.kind == "resync":  # events may have been missed: re-read every current pointer
+            self.invalidate_all()
+            return
+        with self._lock:
+            self._current.pop((event.tenant, event.task_id), None)
+            for key, entry in list(self._entries.items()):
+                if key.tenant == event.tenant and key.task_id == event.task_id:
+                    if event.kind == "delete" or event.version is None or key.version != event.version:
+                        entry.stale = True
+                        if entry.pins == 0:
+                            self._evict(key)
+
+    def invalidate_all(self) -> None:
+        """Forget every cached current version (e.g. after the event stream reconnects)."""
+        with self._lock:
+            self._current.clear()
+
+    def stats(self) -> BankStats:
+        with self._lock:
+            per = _slot_bytes(self.backbone, *self._dims)
+            return BankStats(self.hits, self.misses, self.evictions, per * len(self._entries), len(self._entries),
+                             self.capacity_bytes, self._table.slots)
+
+    def resident(self) -> list[TaskKey]:
+        """Resident keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _current_version(self, tenant: str, task_id: str) -> int:
+        cached = self._current.get((tenant, task_id))
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self.version_ttl_s:
+            return cached[0]
+        version = self.store.current_version(tenant, task_id)
+        self._current[(tenant, task_id)] = (version, now)
+        return version
+
+    def _get_or_load(self, tenant: str, task_id: str) -> _Entry:
+        key = TaskKey(tenant, task_id, self._current_version(tenant, task_id))
+        entry = self._entries.get(key)
+        if entry is not None and not entry.stale:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry
+        self.misses += 1
+        _, blob = self.store.get_task(tenant, task_id, key.version)
+        try:
+            loaded = load_task_file(blob, self.backbone)
+        except TaskFileError as e:
+            raise TaskUnservable(f"task {task_id!r} version {key.version} cannot be served: {e}", e.code) from e
+        tensors = task_slot_tensors(self.backbone, loaded.params)
+        return self._insert(key, loaded.spec, tensors)
+
+    def _insert(self, key: TaskKey, spec: TaskSpec, tensors: SlotTensors) -> _Entry:
+        P = max(self._dims[0], tensors.deep_k.shape[2] if tensors.deep_k is not None else 0)
+        Ps = max(self._dims[1], tensors.shallow.shape[0] if tensors.shallow is not None else 0)
+        C = max(self._dims[2], tensors.head_w.shape[0])
+        per = _slot_bytes(self.backbone, P, Ps, C)
+        if per > self.capacity_bytes:
+            raise BankFull(f"task {key.task_id!r} needs {per} bytes, more than the bank's {self.capacity_bytes}")
+        old = self._entries.pop(key, None)  # a stale duplicate of the same key
+        if old is not None:
+            self._entries[key] = old  # keep it accounted until it can go
+        while per * (len(self._entries) + 1) > self.capacity_bytes:
+            victim = next((k for k, e in self._entries.items() if e.pins == 0), None)
+            if victim is None:
+                raise BankFull(f"bank full: {len(self._entries)} tasks pinned by in-flight batches "
+                               f"({self.capacity_bytes} bytes)")
+            self._evict(victim)
+        if (P, Ps, C) != self._dims or not self._free:
+            self._grow(P, Ps, C, per)
+        slot = self._free.pop()
+        write_slot(self._table, slot, tensors)
+        entry = _Entry(key=key, slot=slot, spec=spec, tensors=tensors)
+        if old is not None:
+            self._entries.pop(key)
+            old.stale = True
+            self._orphans.append(old)
+        self._entries[key] = entry
+        log.debug("bank: loaded %s into slot %d", key, slot)
+        return entry
+
+    def _allocate(self, slots: int, P: int, Ps: int, C: int) -> PromptTable:
+        bb = self.backbone
+        dev, dt = bb.device, bb.dtype
+        L, H, hd, d = bb.depth, bb.num_heads, bb.head_dim, bb.embed_dim
+        return PromptTable(
+            deep_k=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
+            deep_v=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
+            deep_len=torch.zeros(slots, dtype=torch.long, device=dev),
+            shallow=torch.zeros(slots, Ps, d, device=dev, dtype=dt) if Ps else None,
+            shallow_len=torch.zeros(slots, dtype=torch.long, device=dev),
+            head_w=torch.zeros(slots, C, d, device=dev, dtype=dt),
+            head_b=torch.zeros(slots, C, device=dev, dtype=dt),
+            num_classes=torch.zeros(slots, dtype=torch.long, device=dev),
+        )
+
+    def _grow(self, P: int, Ps: int, C: int, per: int) -> None:
+        """A new table with room for one more entry; live entries are compacted into it.
+
+        Leases taken before keep the old table and their old slot numbers, so they read unchanged
+        tensors; entries replaced while pinned (orphans) get no slot in the new table.
+        """
+        needed = len(self._entries) + 1
+        grown = self._table.slots * 2 if not self._free else self._table.slots
+        slots = min(max(4, grown, needed), max(needed, self.capacity_bytes // per))
+        table = self._allocate(slots, P, Ps, C)
+        for i, entry in enumerate(self._entries.values()):
+            entry.slot = i
+            write_slot(table, i, entry.tensors)
+        for orphan in self._orphans:
+            orphan.slot = -1
+        self._free = list(range(slots - 1, len(self._entries) - 1, -1))
+        self._table, self._dims = table, (P, Ps, C)
+
+    def _unpin(self, entry: _Entry) -> None:
+        entry.pins -= 1
+        if entry.pins == 0 and entry.stale:
+            if self._entries.get(entry.key) is entry:
+                self._evict(entry.key)
+            elif entry in self._orphans:
+                self._orphans.remove(entry)
+                if entry.slot >= 0:
+                    self._free.append(entry.slot)
+
+    def _evict(self, key: TaskKey) -> None:
+        entry = self._entries.pop(key)
+        self._free.append(entry.slot)
+        self.evictions += 1
+        log.debug("bank: evicted %s from slot %d", key, entry.slot)

@@ -1,0 +1,1 @@
+"""The vpt-serve HTTP server: settings, auth, batching, jobs, routes, CLI."""

@@ -1,0 +1,134 @@
+"""The FastAPI app: factory, lifespan (the backbone loads once), request context middleware."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import install_handlers
+from server.routes import jobs, predict, system, tasks
+from server.settings import Settings
+from server.state import AppState
+
+log = logging.getLogger(__name__)
+access = logging.getLogger("vpt.access")
+
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+class RequestContext:
+    """Request ids, body-size limits per route, access logs and request metrics (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, fastapi_app: FastAPI) -> None:
+        self.app, self.settings, self.fastapi_app = app, settings, fastapi_app
+
+    def limit_for(self, path: str) -> int:
+        s = self.settings
+        if path.endswith("/train"):
+            return s.max_upload_bytes + (1 << 20)
+        if path == "/predict":
+            return s.max_images_per_request * s.max_image_bytes + (1 << 20)
+        if path.endswith("/import"):
+            return s.max_task_file_bytes
+        return 1 << 20
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = rid if _RID.match(rid) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        limit = self.limit_for(scope["path"])
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        try:
+            await self._dispatch(scope, receive, send_with_id, declared, limit, rid)
+        finally:
+            self._observe(scope, status["code"], time.perf_counter() - t0, rid)
+
+    async def _dispatch(self, scope: Scope, receive: Callable, send: Callable, declared: int, limit: int,
+                        rid: str) -> None:
+        if declared > limit:
+            await self._reject(send, rid, limit)
+        else:
+            seen = {"n": 0}
+
+            async def counted_receive() -> dict:
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["n"] += len(message.get("body", b""))
+                    if seen["n"] > limit:
+                        raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
+                return message
+
+            await self.app(scope, counted_receive, send)
+
+    async def _reject(self, send: Callable, rid: str, limit: int) -> None:
+        body = json.dumps({"error": {"code": "payload_too_large", "message": f"the request body exceeds {limit} bytes",
+                                     "request_id": rid}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _observe(self, scope: Scope, status: int, seconds: float, rid: str) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope.get("method", "")
+        access.info("%s %s %d %.1fms rid=%s", method, scope["path"], status, seconds * 1000, rid)
+        state = getattr(self.fastapi_app.state, "vpt", None)
+        if state is not None:
+            state.metrics.requests.labels(template, method, str(status)).inc()
+            state.metrics.latency.labels(template, method).observe(seconds)
+
+
+def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+    """The app; its lifespan loads the backbone and opens the store unless `state` is given."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = state is None
+        app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
+        log.info("ready: backbone %s on %s, store %s", app.state.vpt.backbone.name, app.state.vpt.backbone.device,
+                 settings.store)
+        try:
+            yield
+        finally:
+            if owned:
+                await run_in_threadpool(app.state.vpt.close)
+            app.state.vpt = None
+
+    app = FastAPI(title="vpt-serve", version="0.1.0", lifespan=lifespan,
+                  description="Many image classifiers on one frozen ViT with Visual Prompt Tuning. "
+                              "Errors are `{\"error\": {\"code\", \"message\"}}`.")
+    install_handlers(app)
+    for module in (tasks, jobs, predict, system):
+        app.include_router(module.router)
+    app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
+    return app

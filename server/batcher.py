@@ -1,0 +1,212 @@
+"""Cross-task dynamic batching: requests of any tasks share one forward.
+
+A bounded queue (counted in images) feeds one thread that forms a batch of up to
+`max_batch_size` images or waits at most `max_wait_ms` after the first, pins the batch's tasks in
+the bank, runs the forward, and answers each request with its own task's top-k. A request whose
+task cannot be served fails alone; a request whose client went away is skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prompt_store.bank import Lease, PromptBank
+from server.errors import ApiError, busy
+from vpt.backbone import Backbone
+from vpt.engine import forward_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TopK:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class Outcome:
+    """One request's answer: per image its top-k, the version served, and timings in ms."""
+
+    version: int
+    results: list[list[TopK]]
+    queue_ms: float
+    forward_ms: float
+    batch_images: int
+
+
+@dataclass
+class _Request:
+    tenant: str
+    task_id: str
+    images: Tensor                 # (n, 3, H, W)
+    top_k: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+
+class Batcher:
+    def __init__(self, backbone: Backbone, bank: PromptBank, *, max_batch_size: int, max_wait_ms: float,
+                 queue_limit: int, metrics: Any = None) -> None:
+        self.backbone, self.bank, self.metrics = backbone, bank, metrics
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
+        self.queue_limit = queue_limit
+        self._q: queue.Queue[_Request] = queue.Queue()
+        self._carry: deque[_Request] = deque()
+        self._queued_images = 0
+        self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def predict(self, tenant: str, task_id: str, images: Tensor, top_k: int) -> Outcome:
+        """Queue the images for the next batch and wait for their answer (503 when the queue is full)."""
+        n = images.shape[0]
+        with self._count_lock:
+            if self._queued_images + n > self.queue_limit:
+                raise busy(f"the prediction queue is full ({self._queued_images} images waiting)")
+            self._queued_images += n
+        loop = asyncio.get_running_loop()
+        req = _Request(tenant, task_id, images, top_k, loop.create_future(), loop)
+        self._q.put(req)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queued_images)
+        return await req.future
+
+    # -- the batching thread ------------------------------------------------------------------------
+
+    def _next(self, timeout: float) -> _Request | None:
+        if self._carry:
+            return self._carry.popleft()
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _collect(self) -> list[_Request]:
+        """The next batch: what is already queued, then what arrives before the deadline, up to the size."""
+        first = self._next(0.1)
+        if first is None:
+            return []
+        batch, n = [first], first.n
+        deadline = time.perf_counter() + self.max_wait_s
+        while n < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                if self._carry:
+                    req = self._carry.popleft()
+                elif remaining > 0:
+                    req = self._q.get(timeout=remaining)
+                else:
+                    req = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if n + req.n > self.max_batch_size:
+                self._carry.appendleft(req)
+                break
+            batch.append(req)
+            n += req.n
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            if not batch:
+                continue
+            with self._count_lock:
+                self._queued_images -= sum(r.n for r in batch)
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(self._queued_images)
+            live = [r for r in batch if not r.future.done()]  # skip requests whose client went away
+            if live:
+                try:
+                    self._run(live)
+                except Exception as e:  # a bug in the forward fails this batch, not the server
+                    log.exception("batch failed")
+                    for r in live:
+                        self._resolve(r, exc=e)
+
+    def _resolve(self, req: _Request, result: Outcome | None = None, exc: BaseException | None = None) -> None:
+        def done() -> None:
+            if req.future.done():
+                return
+            if exc is not None:
+                req.future.set_exception(exc)
+            else:
+                req.future.set_result(result)
+
+        try:
+            req.loop.call_soon_threadsafe(done)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _run(self, batch: list[_Request]) -> None:
+        lease, errors = self.bank.acquire_each([(r.tenant, r.task_id) for r in batch])
+        try:
+            ok = []
+            for i, (req, err) in enumerate(zip(batch, errors)):
+                if err is not None:
+                    self._resolve(req, exc=err)
+                else:
+                    ok.append(i)
+            if ok:
+                self._forward(batch, ok, lease)
+        finally:
+            self.bank.release(lease)
+
+    def _forward(self, batch: list[_Request], ok: list[int], lease: Lease) -> None:
+        bb = self.backbone
+        t0 = time.perf_counter()
+        images = torch.cat([batch[i].images for i in ok]).to(bb.device, bb.dtype, non_blocking=True)  # (B, 3, H, W)
+        owner = [i for i in ok for _ in range(batch[i].n)]
+        slot = lease.slot_tensor(owner)                                                                # (B,)
+        probs = []
+        with torch.inference_mode():
+            for s in range(0, images.shape[0], self.max_batch_size):
+                logits = forward_logits(bb, images[s:s + self.max_batch_size], lease.table,
+                                        slot[s:s + self.max_batch_size])                               # (b, C)
+                probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        p = torch.cat(probs)                                                                           # (B, C)
+        forward_ms = (time.perf_counter() - t0) * 1000
+        self.batches += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(images.shape[0])
+        row = 0
+        for i in ok:
+            req, task = batch[i], lease.tasks[i]
+            k = min(req.top_k, len(task.classes))
+            scores, idx = p[row:row + req.n, :len(task.classes)].topk(k, dim=-1)
+            results = [[TopK(task.classes[j], j, float(sc)) for sc, j in zip(srow.tolist(), irow.tolist())]
+                       for srow, irow in zip(scores, idx)]
+            row += req.n
+            queue_ms = (t0 - req.enqueued) * 1000
+            self._resolve(req, Outcome(task.key.version, results, queue_ms, forward_ms, images.shape[0]))
+
+
+__all__ = ["Batcher", "Outcome", "TopK", "ApiError"]

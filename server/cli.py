@@ -1,0 +1,119 @@
+"""`vpt-serve`: serve the API, run training workers, train or evaluate a task offline."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from pydantic import ValidationError
+
+log = logging.getLogger("vpt-serve")
+
+
+def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings, imported lazily
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
+                 if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        sys.exit(f"error: invalid_settings: {e}")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.auth import AuthConfigError, load_keyring
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    try:
+        keyring = load_keyring(settings.api_keys, settings.api_keys_file)
+    except AuthConfigError as e:
+        print(f"error: invalid_api_keys: {e}", file=sys.stderr)
+        return 2
+    if not keyring.enabled and not settings.bind_is_loopback() and not settings.allow_unauthenticated:
+        print(f"error: refusing to bind {settings.host} without API keys: set VPT_API_KEYS (or "
+              "VPT_API_KEYS_FILE), bind 127.0.0.1, or set VPT_ALLOW_UNAUTHENTICATED=1", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A training worker on the shared store's durable queue (distributed mode)."""
+    from prompt_store.factory import open_queue, open_store
+    from server.jobs import TrainingWorker
+    from server.state import build_backbone
+    from vpt.data.limits import IngestLimits
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    backbone = build_backbone(settings)
+    store = open_store(settings.store)
+    queue = open_queue(store)
+    limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels)
+    worker = TrainingWorker(store, queue, backbone, work_dir=settings.uploads_dir.resolve().parent / "work",
+                            limits=limits, heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s,
+                            name=args.name)
+    stop = threading.Event()
+
+    def _stop(*_: object) -> None:
+        worker.stop()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        worker.run_forever()
+    finally:
+        queue.close()
+        store.close()
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from server.auth import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vpt-serve", description="Multi-tenant Visual Prompt Tuning server")
+    sub = ap.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP API (settings from VPT_* variables)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help="run a training worker on the shared Redis queue")
+    worker.add_argument("--name", help="worker name (default: host-pid-random)")
+    worker.set_defaults(func=cmd_worker)
+    hk = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for VPT_API_KEYS")
+    hk.add_argument("key")
+    hk.set_defaults(func=cmd_hash_key)
+    try:
+        from server.cli_train import add_train_commands
+    except ImportError:  # pragma: no cover - the training CLI ships with the package
+        pass
+    else:
+        add_train_commands(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Request dependencies: the app state and the caller's tenant."""
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.auth import DEFAULT_TENANT
+from server.errors import ApiError
+from server.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "vpt", None)
+    if state is None:
+        raise ApiError(503, "not_ready", "the server is starting", headers={"Retry-After": "2"})
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = request.headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def get_tenant(request: Request, state: State) -> str:
+    """The tenant of the presented API key; `default` when keys are off (loopback callers only)."""
+    if not state.keyring.enabled:
+        client = request.client.host if request.client else None
+        if not state.settings.allow_unauthenticated and not _is_loopback(client):
+            raise ApiError(403, "forbidden", "this server has no API keys and only answers loopback callers")
+        return DEFAULT_TENANT
+    key = _presented_key(request)
+    if key is None:
+        raise ApiError(401, "unauthorized", "an API key is required: 'Authorization: Bearer <key>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    tenant = state.keyring.tenant_for(key)
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    request.state.tenant = tenant
+    return tenant
+
+
+Tenant = Annotated[str, Depends(get_tenant)]

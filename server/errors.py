@@ -1,0 +1,117 @@
+"""HTTP errors: one root, and the single place where lower layers' errors become statuses."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kernels.errors import KernelError
+from prompt_store.bank import BankFull, TaskUnservable
+from prompt_store.errors import (InvalidId, JobNotFound, RecordCorrupt, StoreConflict, StoreError,
+                                 StoreUnavailable, TaskNotFound, VersionNotFound)
+from vpt.data.errors import DatasetError
+from vpt.errors import TaskFileError, TaskSpecError, VPTError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code and a message (plus optional details/headers)."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details, self.headers = details, headers
+
+
+def busy(message: str, retry_after_s: int = 1) -> ApiError:
+    return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
+
+
+def translate(exc: Exception) -> ApiError:
+    """Map an error from below the server to its HTTP answer."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, DatasetError):
+        return ApiError(400, exc.code, exc.message, details=exc.entries or None)
+    if isinstance(exc, InvalidId):
+        return ApiError(400, "invalid_task_id", str(exc))
+    if isinstance(exc, TaskNotFound):
+        return ApiError(404, "task_not_found", str(exc))
+    if isinstance(exc, VersionNotFound):
+        return ApiError(404, "version_not_found", str(exc))
+    if isinstance(exc, JobNotFound):
+        return ApiError(404, "job_not_found", str(exc))
+    if isinstance(exc, StoreConflict):
+        return ApiError(409, "conflict", str(exc))
+    if isinstance(exc, BankFull):
+        return busy(f"every prompt bank slot is in use: {exc}")
+    if isinstance(exc, TaskUnservable):
+        return ApiError(422, exc.code, str(exc))
+    if isinstance(exc, StoreUnavailable):
+        return ApiError(503, "store_unavailable", "the prompt store is unavailable; retry shortly",
+                        headers={"Retry-After": "2"})
+    if isinstance(exc, RecordCorrupt):
+        log.error("corrupt store record: %s", exc)
+        return ApiError(500, "internal_error", "a stored record is corrupt")
+    if isinstance(exc, TaskFileError):
+        return ApiError(422, exc.code, exc.message)
+    if isinstance(exc, (TaskSpecError, VPTError)) and getattr(exc, "code", None) == "invalid_parameter":
+        return ApiError(400, "invalid_parameter", str(exc))
+    if isinstance(exc, TaskSpecError):
+        return ApiError(400, "invalid_parameter", str(exc))
+    if isinstance(exc, StoreError):
+        log.error("store error: %s", exc)
+        return ApiError(500, "internal_error", "store error")
+    if isinstance(exc, (KernelError, VPTError)):
+        log.exception("engine error", exc_info=exc)
+        return ApiError(500, "internal_error", "inference failed")
+    log.exception("unhandled error", exc_info=exc)
+    return ApiError(500, "internal_error", "internal server error")
+
+
+def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.details is not None:
+        body["details"] = err.details
+    if request_id:
+        body["request_id"] = request_id
+    return JSONResponse({"error": body}, status_code=err.status, headers=err.headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "validation_error", 503: "busy"}
+
+
+def install_handlers(app: FastAPI) -> None:
+    def rid(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc, rid(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        msg = f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+        return error_response(ApiError(422, "validation_error", msg, details=errors), rid(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers), rid(request))
+
+    async def _translated(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(translate(exc), rid(request))
+
+    for root in (StoreError, VPTError, KernelError):  # handled inside the app: no traceback, no re-raise
+        app.add_exception_handler(root, _translated)
+    app.add_exception_handler(Exception, _translated)  # bugs: logged, answered 500 with the error shape

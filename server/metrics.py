@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vpt_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("vpt_http_request_seconds", "HTTP request latency", ["route", "method"],
+                                 registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.batch_size = Histogram("vpt_batch_images", "Images per forward batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.queue_depth = Gauge("vpt_queue_images", "Images waiting for a batch", registry=r)
+        self.predictions = Counter("vpt_predictions_total", "Images classified", ["tenant", "task"], registry=r)
+        self._bank = None
+        self._jobs = None
+        r.register(self)  # custom collector for bank and job gauges
+
+    def attach(self, bank: object, job_counts: object) -> None:
+        """`bank.stats()` and `job_counts()` -> {state: n} are read at scrape time."""
+        self._bank, self._jobs = bank, job_counts
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        if self._bank is not None:
+            st = self._bank.stats()
+            for name, value, help_ in (("hits", st.hits, "Bank hits"), ("misses", st.misses, "Bank misses"),
+                                       ("evictions", st.evictions, "Bank evictions"),
+                                       ("resident_bytes", st.resident_bytes, "Bank bytes in use"),
+                                       ("resident_tasks", st.resident_tasks, "Tasks resident in the bank")):
+                yield GaugeMetricFamily(f"vpt_bank_{name}", help_, value=value)
+        if self._jobs is not None:
+            fam = GaugeMetricFamily("vpt_jobs", "Training jobs by state", labels=["state"])
+            try:
+                for state, n in self._jobs().items():
+                    fam.add_metric([state], n)
+            except Exception:  # a store outage must not break the scrape
+                pass
+            yield fam
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

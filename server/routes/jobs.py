@@ -1,0 +1,149 @@
+"""Training: submit a dataset, follow and cancel jobs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from prompt_store.ids import validate_id
+from prompt_store.records import JOB_STATES, TERMINAL_STATES
+from server.deps import State, Tenant
+from server.errors import ApiError
+from server.schemas import ErrorOut, JobList, JobOut, job_out
+from vpt.train import TrainOptions, TrainOptionsError
+
+router = APIRouter(tags=["jobs"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
+
+_INT = {"num_prompts", "epochs", "batch_size", "seed", "warmup_epochs", "num_workers"}
+_FLOAT = {"base_lr", "weight_decay", "prompt_dropout", "val_fraction"}
+_STR = {"method", "sweep", "augmentation", "keep", "mixed_precision"}
+_ALIASES = {"prompts": "num_prompts", "lr": "base_lr"}
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar")
+
+TRAIN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["dataset"],
+    "properties": {
+        "dataset": {"type": "string", "format": "binary",
+                    "description": ".zip/.tar/.tar.gz: a folder per class (optional train/ and val/), "
+                                   "or images plus manifest.csv / manifest.jsonl (file_name, label)"},
+        "method": {"type": "string", "enum": ["linear", "vpt-shallow", "vpt-deep"], "default": "vpt-deep"},
+        "num_prompts": {"type": "integer", "default": 10}, "epochs": {"type": "integer", "default": 100},
+        "batch_size": {"type": "integer", "default": 64}, "base_lr": {"type": "number", "default": 1.0},
+        "weight_decay": {"type": "number", "default": 0.001}, "prompt_dropout": {"type": "number"},
+        "sweep": {"type": "string", "enum": ["none", "small", "paper"], "default": "none"},
+        "seed": {"type": "integer", "default": 0}, "val_fraction": {"type": "number", "default": 0.1},
+    }}}}}}
+
+
+def parse_options(fields: dict[str, str]) -> TrainOptions:
+    """Form fields -> validated TrainOptions; unknown or malformed fields are 400 `invalid_parameter`."""
+    opts: dict[str, Any] = {}
+    for raw_name, value in fields.items():
+        name = _ALIASES.get(raw_name, raw_name)
+        value = value.strip()
+        try:
+            if name in _INT:
+                opts[name] = int(value)
+            elif name in _FLOAT:
+                opts[name] = float(value)
+            elif name in _STR:
+                opts[name] = value
+            else:
+                raise ApiError(400, "invalid_parameter", f"unknown training option {raw_name!r}")
+        except ValueError as e:
+            raise ApiError(400, "invalid_parameter", f"option {raw_name!r}: {value[:40]!r} is not a number") from e
+    try:
+        return TrainOptions(**opts)
+    except TrainOptionsError as e:
+        raise ApiError(400, "invalid_parameter", e.message, details={"field": e.field}) from e
+
+
+def _suffix(filename: str | None) -> str:
+    name = (filename or "").lower()
+    return next((s for s in _ARCHIVE_SUFFIXES if name.endswith(s)), "")
+
+
+def _spool(upload: UploadFile, directory: Path) -> Path:
+    """Copy the parsed upload to a file of ours, chunk by chunk."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=False) as out:
+        upload.file.seek(0)
+        while chunk := upload.file.read(1 << 20):
+            out.write(chunk)
+    return Path(out.name)
+
+
+@router.post("/tasks/{task_id}/train", status_code=202, response_model=JobOut, openapi_extra=TRAIN_BODY,
+             responses={409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut}})
+async def train(task_id: str, request: Request, state: State, tenant: Tenant) -> JSONResponse:
+    """Upload a dataset and queue a training job; the finished job publishes a new task version."""
+    validate_id(task_id)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'dataset' file")
+    async with request.form(max_files=1, max_fields=32, max_part_size=64 * 1024) as form:
+        dataset = form.get("dataset")
+        if not isinstance(dataset, UploadFile):
+            raise ApiError(400, "bad_request", "the multipart field 'dataset' must be a file")
+        fields = {k: v for k, v in form.multi_items() if k != "dataset" and isinstance(v, str)}
+        options = parse_options(fields)
+        tmp = await run_in_threadpool(_spool, dataset, state.jobs.uploads_dir / "incoming")
+        suffix = _suffix(dataset.filename)
+    try:
+        job = await run_in_threadpool(state.jobs.submit, tenant, task_id, tmp, suffix, options)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return JSONResponse(job_out(job).model_dump(), status_code=202, headers={"Location": f"/jobs/{job.job_id}"})
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(state: State, tenant: Tenant, task: str | None = Query(None),
+              job_state: str | None = Query(None, alias="state")) -> JobList:
+    if task is not None:
+        validate_id(task)
+    if job_state is not None and job_state not in JOB_STATES:
+        raise ApiError(400, "invalid_parameter", f"state must be one of {list(JOB_STATES)}")
+    return JobList(jobs=[job_out(j) for j in state.store.list_jobs(tenant, task, job_state)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, state: State, tenant: Tenant) -> JobOut:
+    return job_out(state.store.get_job(tenant, validate_id(job_id, "job id")))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses={409: {"model": ErrorOut}})
+def cancel_job(job_id: str, state: State, tenant: Tenant) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its next training step."""
+    return job_out(state.jobs.cancel(tenant, validate_id(job_id, "job id")))
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "progress events"}})
+async def job_events(job_id: str, request: Request, state: State, tenant: Tenant) -> StreamingResponse:
+    """Server-sent events: `progress` with the job whenever it changes, then `end` once it is terminal."""
+    validate_id(job_id, "job id")
+    first = await run_in_threadpool(state.store.get_job, tenant, job_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[bytes]:
+        job, last = first, None
+        while True:
+            if job.updated_at != last:
+                last = job.updated_at
+                yield f"event: progress\ndata: {json.dumps(job_out(job).model_dump())}\n\n".encode()
+            if job.state in TERMINAL_STATES:
+                yield b"event: end\ndata: {}\n\n"
+                return
+            await asyncio.sleep(0.5)
+            if await request.is_disconnected():
+                return
+            job = await run_in_threadpool(state.store.get_job, tenant, job_id)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

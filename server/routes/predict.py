@@ -1,0 +1,80 @@
+"""Prediction: images of any task join the next shared batch."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Query, Request
+from starlette.datastructures import UploadFile
+
+from prompt_store.ids import validate_id
+from server.deps import State, Tenant
+from server.errors import ApiError
+from server.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut
+
+router = APIRouter(tags=["predict"])
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+async def _read_images(request: Request, state: State) -> list[tuple[bytes, str | None]]:
+    s = state.settings
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        items = []
+        async with request.form(max_files=s.max_images_per_request + 1, max_fields=8) as form:
+            parts = [v for k, v in form.multi_items() if k == "image"]
+            if len(parts) > s.max_images_per_request:
+                raise ApiError(413, "payload_too_large",
+                               f"{len(parts)} images; at most {s.max_images_per_request} per request")
+            for part in parts:
+                if not isinstance(part, UploadFile):
+                    raise ApiError(400, "bad_request", "each 'image' field must be a file")
+                data = await part.read(s.max_image_bytes + 1)
+                if len(data) > s.max_image_bytes:
+                    raise ApiError(413, "payload_too_large",
+                                   f"image {part.filename!r} exceeds {s.max_image_bytes} bytes")
+                items.append((data, part.filename))
+        if not items:
+            raise ApiError(400, "bad_request", "send one or more multipart 'image' files")
+        return items
+    if ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
+        data = await request.body()
+        if len(data) > s.max_image_bytes:
+            raise ApiError(413, "payload_too_large", f"the image exceeds {s.max_image_bytes} bytes")
+        return [(data, None)]
+    raise ApiError(415, "unsupported_media_type",
+                   "send multipart/form-data with 'image' files, or a raw image body (image/*)")
+
+
+@router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,
+             responses={400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut},
+                        415: {"model": ErrorOut}, 503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
+async def predict(request: Request, state: State, tenant: Tenant, task: str = Query(..., description="task id"),
+                  top_k: int = Query(5, ge=1, le=100)) -> PredictionOut:
+    """Classify images with a task's current version: per image the top-k labels and scores."""
+    validate_id(task)
+    t0 = time.perf_counter()
+    items = await _read_images(request, state)
+    loop = asyncio.get_running_loop()
+    images = await loop.run_in_executor(state.decoder.pool, state.decoder.decode_all,
+                                        [(d, n or f"#{i}") for i, (d, n) in enumerate(items)])
+    t_decoded = time.perf_counter()
+    try:
+        outcome = await asyncio.wait_for(state.batcher.predict(tenant, task, images, top_k),
+                                         timeout=state.settings.request_timeout_s)
+    except TimeoutError as e:
+        raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
+    state.metrics.predictions.labels(tenant, task).inc(len(items))
+    results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=t.label, index=t.index, score=t.score)
+                                                          for t in top])
+               for i, ((_, name), top) in enumerate(zip(items, outcome.results))]
+    total = (time.perf_counter() - t0) * 1000
+    return PredictionOut(task_id=task, version=outcome.version, results=results, timings_ms={
+        "decode": round((t_decoded - t0) * 1000, 3), "queue": round(outcome.queue_ms, 3),
+        "forward": round(outcome.forward_ms, 3), "total": round(total, 3),
+        "batch_images": float(outcome.batch_images)})

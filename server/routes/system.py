@@ -1,0 +1,43 @@
+"""Backbone facts, health, readiness and Prometheus metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from prompt_store.errors import StoreError
+from server.deps import State, Tenant
+from server.schemas import BackboneOut
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/backbone", response_model=BackboneOut)
+def backbone(state: State, tenant: Tenant) -> BackboneOut:
+    """The frozen backbone every task runs on; clients preprocess nothing (the server does)."""
+    return BackboneOut(**state.backbone.describe())
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(state: State) -> JSONResponse:
+    """Backbone loaded, store reachable, batcher running; 503 `not_ready` otherwise."""
+    checks = {"backbone": "ok", "batcher": "ok" if state.batcher._thread.is_alive() else "stopped"}
+    try:
+        state.store.ping()
+        checks["store"] = "ok"
+    except StoreError as e:
+        checks["store"] = f"unavailable: {e}"
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    return JSONResponse({"error": {"code": "not_ready", "message": "not ready", "details": checks}},
+                        status_code=503, headers={"Retry-After": "2"})
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

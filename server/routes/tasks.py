@@ -1,0 +1,85 @@
+"""Tasks: list, inspect, delete, versions, activate (rollback), export and import task files."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from prompt_store.ids import validate_id
+from server.deps import State, Tenant
+from server.errors import ApiError
+from server.schemas import ErrorOut, TaskList, TaskOut, VersionList, version_out, task_out
+from vpt.errors import TaskFileError
+from vpt.task import load_task_file, read_metadata
+
+router = APIRouter(tags=["tasks"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
+
+
+@router.get("/tasks", response_model=TaskList)
+def list_tasks(state: State, tenant: Tenant) -> TaskList:
+    return TaskList(tasks=[task_out(i) for i in state.store.list_tasks(tenant)])
+
+
+@router.get("/tasks/{task_id}", response_model=TaskOut)
+def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
+    return task_out(state.store.get_info(tenant, validate_id(task_id)))
+
+
+@router.delete("/tasks/{task_id}", status_code=204)
+def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
+    state.store.delete_task(tenant, validate_id(task_id))
+    return Response(status_code=204)
+
+
+@router.get("/tasks/{task_id}/versions", response_model=VersionList)
+def list_versions(task_id: str, state: State, tenant: Tenant) -> VersionList:
+    info = state.store.get_info(tenant, validate_id(task_id))
+    versions = state.store.list_versions(tenant, task_id)
+    return VersionList(versions=[version_out(v, info.current_version) for v in versions])
+
+
+@router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut)
+def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOut:
+    """Make version `n` current (rollback or forward); every replica serves it from its next batch."""
+    _, blob = state.store.get_task(tenant, validate_id(task_id), version)
+    _check_servable(blob, state)
+    state.store.activate(tenant, task_id, version)
+    return task_out(state.store.get_info(tenant, task_id))
+
+
+@router.get("/tasks/{task_id}/export", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "the task file"}})
+def export(task_id: str, state: State, tenant: Tenant, version: int | None = Query(None, ge=1)) -> Response:
+    record, blob = state.store.get_task(tenant, validate_id(task_id), version)
+    name = f"{task_id}-v{record.version}.safetensors"
+    return Response(blob, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"',
+                             "X-Task-Version": str(record.version)})
+
+
+@router.put("/tasks/{task_id}/import", response_model=TaskOut, status_code=201,
+            openapi_extra={"requestBody": {"required": True,
+                                           "content": {"application/octet-stream": {"schema": {
+                                               "type": "string", "format": "binary"}}}}})
+async def import_task(task_id: str, request: Request, state: State, tenant: Tenant) -> TaskOut:
+    """Add a task file (from `export` or the `vpt-serve train` CLI) as the task's new current version."""
+    validate_id(task_id)
+    blob = await request.body()
+    if not blob:
+        raise ApiError(400, "bad_request", "the request body must be a task file")
+    meta = await run_in_threadpool(_check_servable, blob, state)
+    info = await run_in_threadpool(_put, state, tenant, task_id, blob, meta)
+    return task_out(info)
+
+
+def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):  # noqa: ANN202
+    state.store.put_task(tenant, task_id, blob, meta)
+    return state.store.get_info(tenant, task_id)
+
+
+def _check_servable(blob: bytes, state: State) -> dict[str, str]:
+    """The file's metadata if this backbone can serve it; 422 with the reason otherwise."""
+    try:
+        load_task_file(blob, state.backbone)
+        return read_metadata(blob)
+    except TaskFileError as e:
+        raise ApiError(422, e.code, e.message) from e

@@ -1,0 +1,147 @@
+"""Response models (they document the API in OpenAPI) and their construction from store records."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from prompt_store.records import JobRecord, TaskInfo, TaskVersion
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["task_not_found"])
+    message: str = Field(examples=["no task 'flowers' for this tenant"])
+    details: Any = None
+    request_id: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class VersionOut(BaseModel):
+    version: int = Field(examples=[3])
+    current: bool
+    created_at: float
+    method: str = Field(examples=["vpt-deep"])
+    num_prompts: int = Field(examples=[10])
+    classes: list[str] = Field(examples=[["daisy", "rose", "tulip"]])
+    size_bytes: int
+    metrics: dict[str, Any] | None = None
+
+
+class TaskOut(BaseModel):
+    task_id: str = Field(examples=["flowers"])
+    current_version: int
+    num_versions: int
+    method: str = Field(examples=["vpt-deep"])
+    num_prompts: int = Field(examples=[10])
+    classes: list[str] = Field(examples=[["daisy", "rose", "tulip"]])
+    backbone: str = Field(examples=["vit_base_patch16_224.orig_in21k"])
+    backbone_fingerprint: str
+    created_at: float
+    updated_at: float
+    size_bytes: int
+    metrics: dict[str, Any] | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+
+
+class VersionList(BaseModel):
+    versions: list[VersionOut]
+
+
+class JobOut(BaseModel):
+    job_id: str
+    task_id: str
+    state: str = Field(examples=["running"])
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    progress: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    version: int | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class TopKOut(BaseModel):
+    label: str = Field(examples=["rose"])
+    index: int = Field(examples=[1])
+    score: float = Field(examples=[0.93])
+
+
+class ImageResult(BaseModel):
+    image: int
+    filename: str | None = None
+    top_k: list[TopKOut]
+
+
+class PredictionOut(BaseModel):
+    task_id: str
+    version: int
+    results: list[ImageResult]
+    timings_ms: dict[str, float] = Field(examples=[{"decode": 2.1, "queue": 3.0, "forward": 41.0, "total": 47.5}])
+
+
+class BackboneOut(BaseModel):
+    name: str
+    fingerprint: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: list[int]
+    input_size: list[int]
+    mean: list[float]
+    std: list[float]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str | None = None
+    device: str
+    dtype: str
+
+
+def _json_field(meta: dict[str, str], key: str, default: Any) -> Any:
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def _summary_metrics(meta: dict[str, str]) -> dict[str, Any] | None:
+    metrics = _json_field(meta, "metrics", None)
+    return metrics if isinstance(metrics, dict) else None
+
+
+def version_out(v: TaskVersion, current: int) -> VersionOut:
+    m = v.metadata
+    return VersionOut(version=v.version, current=v.version == current, created_at=v.created_at,
+                      method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
+                      classes=_json_field(m, "classes", []), size_bytes=v.size_bytes, metrics=_summary_metrics(m))
+
+
+def task_out(info: TaskInfo) -> TaskOut:
+    m = info.current.metadata
+    return TaskOut(task_id=info.task_id, current_version=info.current_version, num_versions=info.num_versions,
+                   method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
+                   classes=_json_field(m, "classes", []), backbone=m.get("backbone", ""),
+                   backbone_fingerprint=m.get("backbone_fingerprint", ""), created_at=info.created_at,
+                   updated_at=info.updated_at, size_bytes=info.current.size_bytes, metrics=_summary_metrics(m))
+
+
+def job_out(job: JobRecord) -> JobOut:
+    return JobOut(job_id=job.job_id, task_id=job.task_id, state=job.state, created_at=job.created_at,
+                  updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
+                  options=job.options, progress=job.progress, metrics=job.metrics, error=job.error,
+                  version=job.version)

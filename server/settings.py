@@ -1,0 +1,92 @@
+"""Deployment settings: every `VPT_*` environment variable, in one place."""
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
+
+
+class Settings(BaseSettings):
+    """Read from the environment with the `VPT_` prefix (e.g. `VPT_STORE=redis://redis:6379/0`)."""
+
+    model_config = SettingsConfigDict(env_prefix="VPT_", env_file=None, extra="ignore")
+
+    # backbone
+    backbone: str = DEFAULT_BACKBONE
+    backbone_weights: Path | None = None
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    backbone_pretrained: bool = True
+    device: str = "auto"                      # auto: cuda when available, else cpu
+    dtype: str = "auto"                       # auto: bfloat16 on cuda, float32 on cpu
+    attention: Literal["auto", "triton", "torch"] = "auto"
+
+    # store and jobs
+    store: str = "./var"                      # file://PATH, a path, or redis://...
+    data_dir: Path | None = None              # uploaded datasets; default <store>/uploads or ./var/uploads
+    workers: int | None = None                # in-process training workers; default 1 (file store), 0 (redis)
+    job_heartbeat_s: float = 10.0
+    job_stale_s: float = 120.0                # a claimed job silent this long is recovered by another worker
+
+    # serving
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    queue_limit: int = Field(512, ge=1)       # images waiting for a batch; more answers 503
+    bank_bytes: int = Field(1 << 30, ge=1 << 16)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    # limits
+    max_upload_bytes: int = Field(2 << 30, ge=1024)       # a training dataset
+    max_image_bytes: int = Field(20 << 20, ge=1024)       # one image in a predict request
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_task_file_bytes: int = Field(256 << 20, ge=1024)  # an imported task file
+    max_top_k: int = 100
+
+    # auth and network
+    api_keys: str | None = None               # "tenant:key,tenant2:sha256:<hex>"
+    api_keys_file: Path | None = None
+    allow_unauthenticated: bool = False       # bind beyond loopback without keys
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    @field_validator("backbone_kwargs", mode="before")
+    @classmethod
+    def _parse_kwargs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError("VPT_BACKBONE_KWARGS must be a JSON object")
+        return value
+
+    @property
+    def is_redis(self) -> bool:
+        return self.store.startswith(("redis://", "rediss://", "unix://"))
+
+    @property
+    def training_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.is_redis else 1
+
+    @property
+    def uploads_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        if self.is_redis:
+            return Path("./var/uploads")
+        return Path(self.store.removeprefix("file://")) / "uploads"
+
+    def bind_is_loopback(self) -> bool:
+        if self.host in ("localhost", ""):
+            return self.host == "localhost"
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

@@ -1,0 +1,166 @@
+"""The device bank: loads, LRU by bytes, pinning, hot-swap under an in-flight batch, events."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from prompt_store.bank import BankFull, PromptBank, TaskUnservable
+from prompt_store.local import LocalStore
+from vpt.backbone import Backbone
+from vpt.engine import deep_prompt_kv, forward_logits
+from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
+
+TENANT = "acme"
+
+
+def task_blob(bb: Backbone, method: str = "vpt-deep", p: int = 4, classes: int = 3, seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    spec = TaskSpec(method, p, tuple(f"c{i}" for i in range(classes)))
+    return save_task_file(TaskParams.new(spec, bb, generator=g), bb)
+
+
+def put(store: LocalStore, bb: Backbone, task: str, **kw) -> int:
+    blob = task_blob(bb, **kw)
+    return store.put_task(TENANT, task, blob, read_metadata(blob)).version
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    s = LocalStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def slot_bytes(bank: PromptBank) -> int:
+    return bank.stats().resident_bytes // max(1, bank.stats().resident_tasks)
+
+
+def test_loaded_kv_equal_the_engines_own_computation(store: LocalStore, tiny_backbone: Backbone) -> None:
+    blob = task_blob(tiny_backbone, "vpt-deep", 5, 3, seed=1)
+    store.put_task(TENANT, "t", blob, read_metadata(blob))
+    bank = PromptBank(tiny_backbone, store, 10_000_000)
+    lease = bank.acquire(TENANT, ["t"])
+    from vpt.task import load_task_file
+
+    params = load_task_file(blob, tiny_backbone).params
+    k, v = deep_prompt_kv(tiny_backbone, params.prompts[None])
+    s = lease.tasks[0].slot
+    torch.testing.assert_close(lease.table.deep_k[:, s, :, :5], k[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(lease.table.deep_v[:, s, :, :5], v[:, 0], rtol=0, atol=0)
+    assert lease.table.num_classes[s] == 3 and lease.tasks[0].classes == ("c0", "c1", "c2")
+    bank.release(lease)
+    bank.close()
+
+
+def test_hits_misses_and_lru_eviction_by_bytes(store: LocalStore, tiny_backbone: Backbone) -> None:
+    for name in "abcd":
+        put(store, tiny_backbone, name)
+    probe = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
+    probe.release(probe.acquire(TENANT, ["a"]))
+    per = slot_bytes(probe)
+    bank = PromptBank(tiny_backbone, store, 3 * per, subscribe=False)  # room for three tasks
+    for name in "abc":
+        bank.release(bank.acquire(TENANT, [name]))
+    bank.release(bank.acquire(TENANT, ["a"]))       # a is now most recent: b is the LRU
+    bank.release(bank.acquire(TENANT, ["d"]))
+    assert [k.task_id for k in bank.resident()] == ["c", "a", "d"]
+    st = bank.stats()
+    assert (st.hits, st.misses, st.evictions, st.resident_tasks) == (1, 4, 1, 3)
+    assert st.resident_bytes <= st.capacity_bytes
+
+
+def test_pinned_slots_are_never_evicted_and_full_bank_is_typed(store: LocalStore, tiny_backbone: Backbone) -> None:
+    for name in "abc":
+        put(store, tiny_backbone, name)
+    probe = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
+    probe.release(probe.acquire(TENANT, ["a"]))
+    bank = PromptBank(tiny_backbone, store, 2 * slot_bytes(probe), subscribe=False)
+    lease = bank.acquire(TENANT, ["a", "b"])
+    with pytest.raises(BankFull):
+        bank.acquire(TENANT, ["c"])
+    assert {k.task_id for k in bank.resident()} == {"a", "b"}
+    bank.release(lease)
+    bank.release(bank.acquire(TENANT, ["c"]))      # now one of them can go
+    assert "c" in {k.task_id for k in bank.resident()}
+
+
+def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backbone: Backbone) -> None:
+    put(store, tiny_backbone, "t", seed=1)
+    bank = PromptBank(tiny_backbone, store, 10_000_000)
+    images = torch.randn(2, 3, 32, 32)
+    lease = bank.acquire(TENANT, ["t", "t"])
+    slot = lease.slot_tensor([0, 1])
+    with torch.inference_mode():
+        before = forward_logits(tiny_backbone, images, lease.table, slot)
+    snapshot = lease.table.deep_k[:, lease.tasks[0].slot].clone()
+    # a new version, wider (more prompts and classes: the table grows), lands while the batch runs
+    v2 = put(store, tiny_backbone, "t", p=9, classes=5, seed=2)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        new = bank.acquire(TENANT, ["t"])
+        if new.tasks[0].key.version == v2:
+            break
+        bank.release(new)
+        time.sleep(0.01)
+    assert new.tasks[0].key.version == v2 and len(new.tasks[0].classes) == 5
+    with torch.inference_mode():
+        after = forward_logits(tiny_backbone, images, lease.table, slot)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(lease.table.deep_k[:, lease.tasks[0].slot], snapshot, rtol=0, atol=0)
+    bank.release(lease)
+    assert [k.version for k in bank.resident()] == [v2]   # the old version is freed once unpinned
+    bank.release(new)
+    # rollback: activating version 1 serves it again
+    store.activate(TENANT, "t", 1)
+    time.sleep(0.05)
+    lease = bank.acquire(TENANT, ["t"])
+    assert lease.tasks[0].key.version == 1 and len(lease.tasks[0].classes) == 3
+    bank.release(lease)
+    bank.close()
+
+
+def test_mixed_methods_share_one_table(store: LocalStore, tiny_backbone: Backbone) -> None:
+    put(store, tiny_backbone, "deep", method="vpt-deep", p=6, classes=4)
+    put(store, tiny_backbone, "shallow", method="vpt-shallow", p=3, classes=2)
+    put(store, tiny_backbone, "lin", method="linear", p=0, classes=7)
+    bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
+    lease = bank.acquire(TENANT, ["deep", "shallow", "lin"])
+    t = lease.table
+    assert [int(t.num_classes[r.slot]) for r in lease.tasks] == [4, 2, 7]
+    assert [int(t.deep_len[r.slot]) for r in lease.tasks] == [6, 0, 0]
+    assert [int(t.shallow_len[r.slot]) for r in lease.tasks] == [0, 3, 0]
+    with torch.inference_mode():
+        logits = forward_logits(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slot_tensor([0, 1, 2]))
+    assert torch.isfinite(logits[0, :4]).all() and torch.isinf(logits[0, 4:]).all()
+    bank.release(lease)
+
+
+def test_unservable_and_missing_tasks_are_typed(store: LocalStore, tiny_backbone: Backbone) -> None:
+    from prompt_store.errors import TaskNotFound
+
+    bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
+    with pytest.raises(TaskNotFound):
+        bank.acquire(TENANT, ["nope"])
+    blob = task_blob(tiny_backbone)
+    meta = read_metadata(blob)
+    store.put_task(TENANT, "bad", blob[:-64], meta)  # stored, but truncated
+    with pytest.raises(TaskUnservable):
+        bank.acquire(TENANT, ["bad"])
+    put(store, tiny_backbone, "ok")
+    with pytest.raises(TaskNotFound):  # a failure in a batch releases what it pinned
+        bank.acquire(TENANT, ["ok", "nope"])
+    assert all(e.pins == 0 for e in bank._entries.values())
+
+
+def test_delete_event_retires_entries(store: LocalStore, tiny_backbone: Backbone) -> None:
+    put(store, tiny_backbone, "gone")
+    bank = PromptBank(tiny_backbone, store, 10_000_000)
+    bank.release(bank.acquire(TENANT, ["gone"]))
+    store.delete_task(TENANT, "gone")
+    deadline = time.monotonic() + 2
+    while bank.resident() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bank.resident() == []
+    bank.close()

@@ -1,0 +1,403 @@
+"""Training one task on the frozen backbone: the VPT recipe (vpt-spec §4) through the serving path.
+
+Only the task's prompts and head learn. SGD with momentum 0.9, lr = base_lr * batch_size / 256,
+weight decay on prompts and head weight (not the head bias), linear warmup then cosine decay
+stepped every iteration, per-sample prompt dropout, cross-entropy. After each epoch the model is
+scored on the validation set; the best epoch's parameters are restored at the end.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vpt.backbone import Backbone
+from vpt.engine import forward_logits, training_table
+from vpt.errors import VPTError
+from vpt.task import MAX_PROMPTS, METHODS, TaskParams, TaskSpec
+from vpt.transforms import AUGMENTATIONS
+
+log = logging.getLogger(__name__)
+
+SWEEPS = ("none", "small", "paper")
+MIXED_PRECISION = ("auto", "bf16", "off")
+KEEP = ("best", "last")
+MOMENTUM = 0.9
+LR_REFERENCE_BATCH = 256  # lr = base_lr * batch_size / 256 (vpt-spec §4.2)
+
+
+class TrainingError(VPTError):
+    """Training could not produce a task. `code` names why."""
+
+    code = "training_failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class TrainOptionsError(TrainingError, ValueError):
+    """A training option is out of range or of the wrong type."""
+
+    code = "invalid_parameter"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TrainingCancelled(TrainingError):
+    """`should_cancel()` answered True; nothing was kept."""
+
+    code = "cancelled"
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became NaN or infinite (the official code aborts too, vpt-spec §4.4)."""
+
+    code = "training_diverged"
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise TrainOptionsError(f"{name}: {message}", field=name)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train a task. Defaults follow the paper's prompt recipe (vpt-spec §4).
+
+    `prompt_dropout` None means 0.1 for vpt-deep and 0.0 for vpt-shallow (the demo's values);
+    `warmup_epochs` None means 10% of the epochs (the paper's 10 of 100); `keep` picks the
+    parameters returned: the best epoch by validation accuracy, or the last one.
+    """
+
+    method: str = "vpt-deep"
+    num_prompts: int = 10
+    epochs: int = 100
+    batch_size: int = 64
+    base_lr: float = 1.0
+    weight_decay: float = 1e-3
+    warmup_epochs: int | None = None
+    prompt_dropout: float | None = None
+    augmentation: str = "fgvc"
+    sweep: str = "none"
+    seed: int = 0
+    val_fraction: float = 0.1
+    keep: str = "best"
+    mixed_precision: str = "auto"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("method", METHODS), ("augmentation", AUGMENTATIONS), ("sweep", SWEEPS),
+                              ("keep", KEEP), ("mixed_precision", MIXED_PRECISION)):
+            _check(getattr(self, name) in allowed, name, f"must be one of {list(allowed)}, "
+                   f"got {getattr(self, name)!r}")
+        _check(_is_int(self.num_prompts) and 1 <= self.num_prompts <= MAX_PROMPTS, "num_prompts",
+               f"must be an integer in 1..{MAX_PROMPTS}, got {self.num_prompts!r}")
+        _check(_is_int(self.epochs) and 1 <= self.epochs <= 10_000, "epochs",
+               f"must be an integer in 1..10000, got {self.epochs!r}")
+        _check(_is_int(self.batch_size) and 1 <= self.batch_size <= 65_536, "batch_size",
+               f"must be an integer in 1..65536, got {self.batch_size!r}")
+        _check(_is_num(self.base_lr) and 0 < self.base_lr <= 1e4, "base_lr",
+               f"must be a number in (0, 10000], got {self.base_lr!r}")
+        _check(_is_num(self.weight_decay) and 0 <= self.weight_decay <= 1.0, "weight_decay",
+               f"must be a number in [0, 1], got {self.weight_decay!r}")
+        w = self.warmup_epochs
+        _check(w is None or (_is_int(w) and 0 <= w <= self.epochs), "warmup_epochs",
+               f"must be an integer in 0..epochs ({self.epochs}) or null, got {w!r}")
+        d = self.prompt_dropout
+        _check(d is None or (_is_num(d) and 0 <= d < 1), "prompt_dropout", f"must be in [0, 1) or null, got {d!r}")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", f"must be a non-negative integer, got {self.seed!r}")
+        _check(_is_num(self.val_fraction) and 0 <= self.val_fraction < 1, "val_fraction",
+               f"must be in [0, 1), got {self.val_fraction!r}")
+        _check(_is_int(self.num_workers) and 0 <= self.num_workers <= 64, "num_workers",
+               f"must be an integer in 0..64, got {self.num_workers!r}")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate SGD uses: base_lr scaled linearly by batch_size / 256."""
+        return self.base_lr * self.batch_size / LR_REFERENCE_BATCH
+
+    @property
+    def resolved_warmup_epochs(self) -> int:
+        return self.warmup_epochs if self.warmup_epochs is not None else round(self.epochs / 10)
+
+    @property
+    def resolved_prompt_dropout(self) -> float:
+        if self.method == "linear":
+            return 0.0
+        if self.prompt_dropout is not None:
+            return float(self.prompt_dropout)
+        return 0.1 if self.method == "vpt-deep" else 0.0
+
+    def spec(self, classes: Sequence[str]) -> TaskSpec:
+        prompts = 0 if self.method == "linear" else self.num_prompts
+        return TaskSpec(self.method, prompts, tuple(classes), self.resolved_prompt_dropout)
+
+    def replace(self, **changes: Any) -> TrainOptions:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainOptions:
+        """Options from JSON; unknown keys are refused, missing keys take their defaults."""
+        if not isinstance(data, dict):
+            raise TrainOptionsError(f"options must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainOptionsError(f"unknown training options {unknown}; known: {sorted(known)}", field=unknown[0])
+        return cls(**data)
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak lr for 0-based iteration `step`: linear warmup, then cosine.
+
+    Warmup: (step + 1) / warmup_steps, so the first step already moves and the last warmup
+    step is at the peak. Then 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A training progress report. `kind` is "step" (after each step) or "epoch" (after each
+    epoch's validation). Counters are 1-based; `fraction` covers every run of a sweep."""
+
+    kind: str
+    run: int
+    runs: int
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    images_per_s: float
+    eta_s: float | None
+    val_acc: float | None
+    fraction: float
+    base_lr: float
+    weight_decay: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+CancelFn = Callable[[], bool]
+
+
+class Progress:
+    """Counts steps over all runs of a job, for `fraction`, throughput and ETA."""
+
+    def __init__(self, runs: int, steps_per_run: int, on_progress: ProgressFn | None) -> None:
+        self.runs, self.steps_per_run, self.on_progress = runs, steps_per_run, on_progress
+        self.run = 1
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def emit(self, **fields: Any) -> None:
+        self.done = (self.run - 1) * self.steps_per_run + fields["step"]
+        total = self.runs * self.steps_per_run
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (total - self.done) if self.done else None
+        if self.on_progress is not None:
+            self.on_progress(ProgressEvent(run=self.run, runs=self.runs, steps=self.steps_per_run, eta_s=eta,
+                                           fraction=self.done / total, **fields))
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_acc: float | None
+    val_loss: float | None
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainOutcome:
+    """A finished run: the kept parameters and what happened on the way."""
+
+    params: TaskParams
+    options: TrainOptions
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_acc: float | None
+    steps: int
+    seconds: float
+    images_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def amp_enabled(options: TrainOptions, device: torch.device) -> bool:
+    """bf16 autocast: on CUDA with `auto`, wherever asked with `bf16`, never with `off`."""
+    return options.mixed_precision == "bf16" or (options.mixed_precision == "auto" and device.type == "cuda")
+
+
+def make_optimizer(params: TaskParams, options: TrainOptions) -> torch.optim.SGD:
+    """SGD, momentum 0.9; weight decay on prompts and head weight, none on the head bias."""
+    decayed = [p for name, p in params.named_parameters() if name != "head.bias"]
+    groups = [{"params": decayed, "weight_decay": options.weight_decay},
+              {"params": [params.head.bias], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=options.lr, momentum=MOMENTUM)
+
+
+def _loader(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
+            options: TrainOptions, device: torch.device) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+                      num_workers=options.num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=options.num_workers > 0)
+
+
+def _cancel_point(should_cancel: CancelFn | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise TrainingCancelled("training was cancelled")
+
+
+def predict(backbone: Backbone, params: TaskParams, loader: DataLoader, amp: bool,
+            should_cancel: CancelFn | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits (N, C) float32, predictions (N,) and labels (N,) over `loader`, on the CPU."""
+    dev = backbone.device
+    outs, labels = [], []
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        table, _ = training_table(backbone, params, 1, dropout=0.0, training=False)
+        for images, y in loader:
+            _cancel_point(should_cancel)
+            images = images.to(dev, backbone.dtype, non_blocking=True)            # (B, 3, H, W)
+            slot = torch.zeros(images.shape[0], dtype=torch.long, device=dev)       # (B,)
+            outs.append(forward_logits(backbone, images, table, slot).float().cpu())  # (B, C)
+            labels.append(y.cpu())
+    logits = torch.cat(outs) if outs else torch.zeros(0, params.spec.num_classes)
+    y = torch.cat(labels).long() if labels else torch.zeros(0, dtype=torch.long)
+    return logits, logits.argmax(dim=1), y
+
+
+def _train_step(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, images: Tensor,
+                labels: Tensor, dropout: float, amp: bool) -> Tensor:
+    dev = backbone.device
+    images = images.to(dev, backbone.dtype, non_blocking=True)                       # (B, 3, H, W)
+    labels = labels.to(dev, non_blocking=True)                                       # (B,)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        table, slot = training_table(backbone, params, images.shape[0], dropout, training=True)
+        logits = forward_logits(backbone, images, table, slot)                       # (B, C)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach()
+
+
+def _check_gradients(params: TaskParams) -> None:
+    """The frozen path must carry gradients to every trainable tensor (a forward-only attention
+    kernel would silently cut them)."""
+    missing = [name for name, p in params.named_parameters() if p.grad is None]
+    if missing:
+        raise TrainingError(f"no gradient reached {missing}; the attention backend in use has no backward "
+                            "pass (use the torch backend for training)", code="no_gradient")
+
+
+def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val_set: Dataset | None,
+               options: TrainOptions, on_progress: ProgressFn | None = None,
+               should_cancel: CancelFn | None = None, progress: Progress | None = None) -> TrainOutcome:
+    """Train one task on `train_set` ((image tensor, label) items); score `val_set` each epoch."""
+    if len(train_set) == 0:
+        raise TrainOptionsError("the training set is empty", field="dataset")
+    dev = backbone.device
+    spec = options.spec(classes)
+    steps_per_epoch = math.ceil(len(train_set) / options.batch_size)
+    total = steps_per_epoch * options.epochs
+    warmup = steps_per_epoch * options.resolved_warmup_epochs
+    progress = progress or Progress(1, total, on_progress)
+    amp = amp_enabled(options, dev)
+    rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(options.seed)  # prompt dropout and augmentation draw from the global generator
+        params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
+        optimizer = make_optimizer(params, options)
+        loader = _loader(train_set, options.batch_size, True, torch.Generator().manual_seed(options.seed + 1),
+                         options, dev)
+        val_loader = _loader(val_set, options.batch_size, False, None, options, dev) if val_set else None
+        return _run(backbone, params, optimizer, loader, val_loader, options, progress, should_cancel,
+                    amp, warmup, total)
+
+
+def _run(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loader: DataLoader,
+         val_loader: DataLoader | None, options: TrainOptions, progress: Progress,
+         should_cancel: CancelFn | None, amp: bool, warmup: int, total: int) -> TrainOutcome:
+    dropout = params.spec.prompt_dropout
+    history: list[EpochRecord] = []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    step, images_seen, started, val_acc = 0, 0, time.perf_counter(), None
+    info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
+    for epoch in range(1, options.epochs + 1):
+        epoch_start, loss_sum, n_seen = time.perf_counter(), 0.0, 0
+        for images, labels in loader:
+            _cancel_point(should_cancel)
+            lr = options.lr * lr_multiplier(step, warmup, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = _train_step(backbone, params, optimizer, images, labels, dropout, amp)
+            if step == 0:
+                _check_gradients(params)
+            value = float(loss)
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss became {value} at epoch {epoch}, step {step + 1} "
+                                       f"(base_lr {options.base_lr}); try a smaller learning rate")
+            optimizer.step()
+            step += 1
+            b = labels.shape[0]
+            loss_sum, n_seen, images_seen = loss_sum + value * b, n_seen + b, images_seen + b
+            speed = images_seen / max(time.perf_counter() - started, 1e-9)
+            progress.emit(kind="step", epoch=epoch, step=step, loss=loss_sum / n_seen, lr=lr,
+                          images_per_s=speed, val_acc=val_acc, **info)
+        val_loss = None
+        if val_loader is not None:
+            logits, preds, y = predict(backbone, params, val_loader, amp, should_cancel)
+            val_acc = float((preds == y).float().mean()) if y.numel() else 0.0
+            val_loss = float(F.cross_entropy(logits, y)) if y.numel() else None
+            if best is None or val_acc > best[0]:  # ties keep the earlier epoch
+                best = (val_acc, epoch, copy.deepcopy(params.state_dict()))
+        history.append(EpochRecord(epoch, loss_sum / n_seen, val_acc, val_loss, lr, time.perf_counter() - epoch_start))
+        log.debug("epoch %d/%d: loss %.4f, val acc %s", epoch, options.epochs, loss_sum / n_seen, val_acc)
+        progress.emit(kind="epoch", epoch=epoch, step=step, loss=loss_sum / n_seen, lr=lr,
+                      images_per_s=images_seen / max(time.perf_counter() - started, 1e-9), val_acc=val_acc, **info)
+    seconds = time.perf_counter() - started
+    best_epoch, best_acc = options.epochs, val_acc
+    if best is not None and options.keep == "best":
+        best_acc, best_epoch, state = best
+        params.load_state_dict(state)
+    params.requires_grad_(False)
+    return TrainOutcome(params=params, options=options, history=history, best_epoch=best_epoch,
+                        best_val_acc=best_acc, steps=step, seconds=seconds,
+                        images_per_s=images_seen / max(seconds, 1e-9))
