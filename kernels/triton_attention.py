@@ -142,34 +142,40 @@ class LaunchConfig:
 
 # The interpreter runs one program at a time in numpy: large tiles mean fewer, cheaper programs.
 INTERPRETER_CONFIG = LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
-GPU_CONFIGS = (
+GPU_CONFIGS = (  # fp16/bf16, and fp32 up to BLOCK_D = 64
     LaunchConfig(128, 64, 8, 3),
     LaunchConfig(128, 32, 4, 3),
     LaunchConfig(64, 64, 4, 3),
     LaunchConfig(64, 32, 4, 2),
 )
+# fp32 dots at BLOCK_D = 128 run on FMA units (input_precision="ieee"): the (BLOCK_M, BLOCK_D) q
+# tile and accumulator live in registers, so wide tiles spill (and take ptxas half a minute).
+FP32_WIDE_CONFIGS = (
+    LaunchConfig(64, 32, 8, 2),
+    LaunchConfig(64, 32, 4, 2),
+    LaunchConfig(32, 32, 4, 2),
+)
 
 
 def gpu_configs(dtype: torch.dtype, block_d: int) -> list[LaunchConfig]:
-    """The configurations the autotuner tries for this dtype and padded head dim.
-
-    fp32 at BLOCK_D = 128 drops the widest tiles: their K/V pipeline would not fit A100 shared memory.
-    """
+    """The configurations the autotuner tries for this dtype and padded head dim, widest tiles first."""
     if dtype == torch.float32 and block_d >= 128:
-        return [c for c in GPU_CONFIGS if c.block_n <= 32 or c.num_stages <= 2]
+        return list(FP32_WIDE_CONFIGS)
     return list(GPU_CONFIGS)
+
+
+def _as_launch(c: triton.Config) -> LaunchConfig:
+    return LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     allowed = gpu_configs(named_args["Q"].dtype, kwargs["BLOCK_D"])
-    keep = [c for c in configs if LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                               c.num_stages) in allowed]
-    return keep or configs[-1:]
+    return [c for c in configs if _as_launch(c) in allowed]
 
 
 _autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                           num_stages=c.num_stages) for c in GPU_CONFIGS],
+                           num_stages=c.num_stages) for c in dict.fromkeys((*GPU_CONFIGS, *FP32_WIDE_CONFIGS))],
     key=["N_BUCKET", "HAS_BANK", "EVEN_D", "BLOCK_D"],
     prune_configs_by={"early_config_prune": _prune},
 )(_prompt_attention_fwd)

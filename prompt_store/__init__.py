@@ -5,15 +5,31 @@ The device-resident bank lives in `prompt_store.bank` (imported on its own: it n
 from __future__ import annotations
 
 from prompt_store.base import Store
-from prompt_store.errors import (InvalidId, JobFinished, JobNotFound, RecordCorrupt, StoreConflict, StoreError,
-                                 StoreUnavailable, TaskNotFound, VersionNotFound)
+from prompt_store.errors import (
+    InvalidId,
+    JobFinished,
+    JobNotFound,
+    RecordCorrupt,
+    StoreConflict,
+    StoreError,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionNotFound,
+)
 from prompt_store.events import Subscription
 from prompt_store.factory import UnsupportedStoreUrl, open_queue, open_store
 from prompt_store.ids import new_job_id, validate_id
 from prompt_store.local import LocalStore
 from prompt_store.queue import Claim, JobQueue, LocalJobQueue, RedisJobQueue, request_cancel
-from prompt_store.records import (JOB_STATES, TERMINAL_STATES, ChangeEvent, JobRecord, TaskInfo, TaskVersion,
-                                  apply_job_update)
+from prompt_store.records import (
+    JOB_STATES,
+    TERMINAL_STATES,
+    ChangeEvent,
+    JobRecord,
+    TaskInfo,
+    TaskVersion,
+    apply_job_update,
+)
 from prompt_store.redis_store import RedisStore
 
 __all__ = [

@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,22 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from prompt_store.base import Store, check_put, new_version, verify_blob
-from prompt_store.errors import (JobNotFound, RecordCorrupt, StoreConflict, StoreUnavailable, TaskNotFound,
-                                 VersionNotFound)
-from prompt_store.events import EventHub, Subscription
+from prompt_store.errors import (
+    JobNotFound,
+    RecordCorrupt,
+    StoreConflict,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionNotFound,
+)
+from prompt_store.events import EventHub, FileEventLog, Subscription
 from prompt_store.ids import ID_PATTERN, LocalPaths, validate_id, validate_version
 from prompt_store.records import ChangeEvent, JobRecord, TaskInfo, TaskVersion, apply_job_update
 
 log = logging.getLogger(__name__)
 
-_PROCESS_TOKEN = uuid.uuid4().hex  # events written by this process are delivered in-process, not polled
 _LIVE: dict[str, weakref.WeakSet[LocalStore]] = {}  # root -> open stores in this process
 _LIVE_LOCK = threading.Lock()
-EVENT_LOG_MAX_BYTES = 256 * 1024
-EVENT_LOG_KEEP_LINES = 500
 _HEADER = struct.Struct(">I")  # a version file is: JSON length, the TaskVersion JSON, the blob
 
 
@@ -139,8 +141,7 @@ class LocalStore(Store):
         self._tlock = threading.RLock()
         self._flock = FileLock(str(self.paths.write_lock), timeout=lock_timeout, thread_local=False)
         self._hub = EventHub("local-store-events")
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._log = FileEventLog(self.paths.events, self._hub, poll_interval)
         with _LIVE_LOCK:
             _LIVE.setdefault(str(self.root), weakref.WeakSet()).add(self)
 
@@ -400,17 +401,7 @@ class LocalStore(Store):
     # ---- events
     def _publish(self, event: ChangeEvent) -> None:
         """Append to the event log (for other processes) and hand to this process's subscribers."""
-        line = _json_bytes({**event.to_dict(), "id": uuid.uuid4().hex, "origin": _PROCESS_TOKEN}) + b"\n"
-        path = self.paths.events
-        try:
-            with open(path, "ab") as f:
-                f.write(line)
-                size = f.tell()
-            if size > EVENT_LOG_MAX_BYTES:  # keep the tail; pollers dedupe the kept lines by id
-                tail = path.read_bytes().splitlines(keepends=True)[-EVENT_LOG_KEEP_LINES:]
-                _atomic_write(path, b"".join(tail), fsync=False)
-        except OSError:
-            log.warning("cannot append to the event log %s; other processes miss %s", path, event, exc_info=True)
+        self._log.append(event)
         with _LIVE_LOCK:
             peers = list(_LIVE.get(str(self.root), ()))
         for store in peers:
@@ -418,52 +409,8 @@ class LocalStore(Store):
 
     def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Subscription:
         sub = self._hub.subscribe(callback)
-        with self._tlock:
-            if self._poller is None:
-                self._poller = threading.Thread(target=self._poll, args=(self._log_position(),),
-                                                name="local-store-poller", daemon=True)
-                self._poller.start()
+        self._log.follow()
         return sub
-
-    def _log_position(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.paths.events)
-            return st.st_ino, st.st_size
-        except FileNotFoundError:
-            return -1, 0
-
-    def _poll(self, position: tuple[int, int]) -> None:
-        """Deliver other processes' events: follow events.log by inode and offset."""
-        inode, offset = position
-        seen: deque[str] = deque(maxlen=4 * EVENT_LOG_KEEP_LINES)
-        while not self._stop.wait(self.poll_interval):
-            try:
-                st = os.stat(self.paths.events)
-                if st.st_ino != inode:
-                    inode, offset = st.st_ino, 0
-                if st.st_size <= offset:
-                    continue
-                with open(self.paths.events, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-            except OSError:
-                continue
-            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits
-            offset += len(complete)
-            for line in complete.splitlines():
-                self._deliver_line(line, seen)
-
-    def _deliver_line(self, line: bytes, seen: deque[str]) -> None:
-        try:
-            data = json.loads(line)
-            event = ChangeEvent.from_dict(data)
-        except (ValueError, RecordCorrupt):
-            log.warning("skipping an unreadable event log line: %r", line[:200])
-            return
-        if data.get("origin") == _PROCESS_TOKEN or data.get("id") in seen:
-            return
-        seen.append(data.get("id"))
-        self._hub.emit(event)
 
     # ---- lifecycle
     def ping(self) -> None:
@@ -473,9 +420,7 @@ class LocalStore(Store):
                 raise StoreUnavailable(f"store directory {self.root} is not writable")
 
     def close(self) -> None:
-        self._stop.set()
-        if self._poller is not None and self._poller is not threading.current_thread():
-            self._poller.join(timeout=5)
+        self._log.close()
         self._hub.close()
         with _LIVE_LOCK:
             peers = _LIVE.get(str(self.root))

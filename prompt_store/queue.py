@@ -216,7 +216,8 @@ class RedisJobQueue(JobQueue):
         self._r = store.client
         self.stream = store.keys.queue()
         self.group = RedisKeys.QUEUE_GROUP
-        self._block_ms = block_ms  # each XREADGROUP blocks at most this (stays under the socket timeout)
+        # Each XREADGROUP blocks at most this, well under the socket timeout, and claim() loops.
+        self._block_ms = max(1, min(block_ms, int(store.socket_timeout * 500)))
         self._heartbeat = self._r.register_script(_HEARTBEAT_SCRIPT)
         self._group_ready = False
 

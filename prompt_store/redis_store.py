@@ -25,8 +25,14 @@ from redis.exceptions import WatchError
 from redis.retry import Retry
 
 from prompt_store.base import Store, check_put, new_version, verify_blob
-from prompt_store.errors import (JobNotFound, RecordCorrupt, StoreConflict, StoreUnavailable, TaskNotFound,
-                                 VersionNotFound)
+from prompt_store.errors import (
+    JobNotFound,
+    RecordCorrupt,
+    StoreConflict,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionNotFound,
+)
 from prompt_store.events import EventHub, Subscription
 from prompt_store.ids import RedisKeys, validate_id, validate_version
 from prompt_store.records import ChangeEvent, JobRecord, TaskInfo, TaskVersion, apply_job_update
@@ -90,6 +96,7 @@ class RedisStore(Store):
                  retries: int = 3) -> None:
         self.url = url
         self.keys = RedisKeys(prefix)
+        self.socket_timeout = socket_timeout
         try:
             self.client = _client(url, socket_timeout, connect_timeout,
                                   Retry(ExponentialBackoff(cap=0.5, base=0.05), retries))
@@ -354,7 +361,7 @@ class RedisStore(Store):
                 connected_before, backoff = True, 0.05
                 self._listening.set()
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
+                    message = pubsub.get_message(timeout=0.2)
                     if message is not None and message.get("type") == "message":
                         self._on_message(message["data"])
             except (redis.RedisError, OSError) as exc:

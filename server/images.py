@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from server.errors import ApiError
-from vpt.data.images import IMAGE_FORMATS, open_rgb
+from vpt.data.images import IMAGE_FORMATS, ImageDecodeError, open_rgb
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -36,10 +36,10 @@ class ImageDecoder:
             raise ApiError(413, "payload_too_large",
                            f"image {name!r} has {w}x{h} pixels; the limit is {self.max_pixels}")
         try:
-            img = open_rgb(io.BytesIO(data))
-            return self.transform(img)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            img = open_rgb(io.BytesIO(data), max_pixels=self.max_pixels)
+        except ImageDecodeError as e:
             raise ApiError(400, "image_invalid", f"image {name!r} cannot be decoded: {e}") from e
+        return self.transform(img)
 
     def decode_all(self, items: list[tuple[bytes, str]]) -> Tensor:
         """(n, 3, H, W); the first bad image fails the request with its name."""

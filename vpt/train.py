@@ -352,52 +352,70 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
                     amp, warmup, total)
 
 
+@dataclass
+class _RunState:
+    step: int = 0
+    images: int = 0
+    val_acc: float | None = None
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def speed(self) -> float:
+        return self.images / max(time.perf_counter() - self.started, 1e-9)
+
+
+def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loader: DataLoader,
+                 options: TrainOptions, epoch: int, state: _RunState, progress: Progress,
+                 should_cancel: CancelFn | None, amp: bool, warmup: int, total: int) -> tuple[float, float]:
+    """One pass over `loader`; returns (mean train loss, last lr)."""
+    loss_sum, seen, lr = 0.0, 0, 0.0
+    info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
+    for images, labels in loader:
+        _cancel_point(should_cancel)
+        lr = options.lr * lr_multiplier(state.step, warmup, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = _train_step(backbone, params, optimizer, images, labels, params.spec.prompt_dropout, amp)
+        if state.step == 0:
+            _check_gradients(params)
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value} at epoch {epoch}, step {state.step + 1} "
+                                   f"(base_lr {options.base_lr}); try a smaller learning rate")
+        optimizer.step()
+        b = labels.shape[0]
+        state.step, state.images, loss_sum, seen = state.step + 1, state.images + b, loss_sum + value * b, seen + b
+        progress.emit(kind="step", epoch=epoch, step=state.step, loss=loss_sum / seen, lr=lr,
+                      images_per_s=state.speed(), val_acc=state.val_acc, **info)
+    return loss_sum / seen, lr
+
+
 def _run(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loader: DataLoader,
          val_loader: DataLoader | None, options: TrainOptions, progress: Progress,
          should_cancel: CancelFn | None, amp: bool, warmup: int, total: int) -> TrainOutcome:
-    dropout = params.spec.prompt_dropout
     history: list[EpochRecord] = []
-    best: tuple[float, int, dict[str, Tensor]] | None = None
-    step, images_seen, started, val_acc = 0, 0, time.perf_counter(), None
+    state = _RunState()
     info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
     for epoch in range(1, options.epochs + 1):
-        epoch_start, loss_sum, n_seen = time.perf_counter(), 0.0, 0
-        for images, labels in loader:
-            _cancel_point(should_cancel)
-            lr = options.lr * lr_multiplier(step, warmup, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = _train_step(backbone, params, optimizer, images, labels, dropout, amp)
-            if step == 0:
-                _check_gradients(params)
-            value = float(loss)
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became {value} at epoch {epoch}, step {step + 1} "
-                                       f"(base_lr {options.base_lr}); try a smaller learning rate")
-            optimizer.step()
-            step += 1
-            b = labels.shape[0]
-            loss_sum, n_seen, images_seen = loss_sum + value * b, n_seen + b, images_seen + b
-            speed = images_seen / max(time.perf_counter() - started, 1e-9)
-            progress.emit(kind="step", epoch=epoch, step=step, loss=loss_sum / n_seen, lr=lr,
-                          images_per_s=speed, val_acc=val_acc, **info)
+        epoch_start = time.perf_counter()
+        train_loss, lr = _train_epoch(backbone, params, optimizer, loader, options, epoch, state, progress,
+                                      should_cancel, amp, warmup, total)
         val_loss = None
         if val_loader is not None:
             logits, preds, y = predict(backbone, params, val_loader, amp, should_cancel)
-            val_acc = float((preds == y).float().mean()) if y.numel() else 0.0
+            state.val_acc = float((preds == y).float().mean()) if y.numel() else 0.0
             val_loss = float(F.cross_entropy(logits, y)) if y.numel() else None
-            if best is None or val_acc > best[0]:  # ties keep the earlier epoch
-                best = (val_acc, epoch, copy.deepcopy(params.state_dict()))
-        history.append(EpochRecord(epoch, loss_sum / n_seen, val_acc, val_loss, lr, time.perf_counter() - epoch_start))
-        log.debug("epoch %d/%d: loss %.4f, val acc %s", epoch, options.epochs, loss_sum / n_seen, val_acc)
-        progress.emit(kind="epoch", epoch=epoch, step=step, loss=loss_sum / n_seen, lr=lr,
-                      images_per_s=images_seen / max(time.perf_counter() - started, 1e-9), val_acc=val_acc, **info)
-    seconds = time.perf_counter() - started
-    best_epoch, best_acc = options.epochs, val_acc
-    if best is not None and options.keep == "best":
-        best_acc, best_epoch, state = best
-        params.load_state_dict(state)
+            if state.best is None or state.val_acc > state.best[0]:  # ties keep the earlier epoch
+                state.best = (state.val_acc, epoch, copy.deepcopy(params.state_dict()))
+        history.append(EpochRecord(epoch, train_loss, state.val_acc, val_loss, lr, time.perf_counter() - epoch_start))
+        log.debug("epoch %d/%d: loss %.4f, val acc %s", epoch, options.epochs, train_loss, state.val_acc)
+        progress.emit(kind="epoch", epoch=epoch, step=state.step, loss=train_loss, lr=lr,
+                      images_per_s=state.speed(), val_acc=state.val_acc, **info)
+    seconds = time.perf_counter() - state.started
+    best_epoch, best_acc = options.epochs, state.val_acc
+    if state.best is not None and options.keep == "best":
+        best_acc, best_epoch, best_state = state.best
+        params.load_state_dict(best_state)
     params.requires_grad_(False)
     return TrainOutcome(params=params, options=options, history=history, best_epoch=best_epoch,
-                        best_val_acc=best_acc, steps=step, seconds=seconds,
-                        images_per_s=images_seen / max(seconds, 1e-9))
+                        best_val_acc=best_acc, steps=state.step, seconds=seconds, images_per_s=state.speed())

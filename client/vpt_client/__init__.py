@@ -26,6 +26,7 @@ from vpt_client.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    ResponseValidationError,
     ServerError,
     UnsupportedMediaTypeError,
     VPTError,
@@ -51,6 +52,6 @@ __all__ = [
     "AuthenticationError", "Backbone", "BadRequestError", "BusyError", "Client", "ConflictError",
     "Health", "InvalidDatasetError", "InvalidInputError", "Job", "JobError", "JobFailedError",
     "JobHandle", "JobProgress", "NotFoundError", "PayloadTooLargeError", "PermissionDeniedError",
-    "Prediction", "PredictionResult", "Readiness", "ServerError", "Task", "Timings", "TopK",
+    "Prediction", "PredictionResult", "Readiness", "ResponseValidationError", "ServerError", "Task", "Timings", "TopK",
     "TrainOptions", "UnsupportedMediaTypeError", "VPTError", "Version", "WaitTimeoutError", "__version__",
 ]

@@ -77,7 +77,7 @@ class AsyncClient(BaseClient):
             attempt += 1
 
     async def _call(self, call: Call[T]) -> T:
-        return call.parse(await self._send(call))
+        return self._parse(call, await self._send(call))
 
     async def train(
         self,

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from pydantic import ValidationError
+
 import httpx
 
 from vpt_client._constants import (
@@ -22,7 +24,13 @@ from vpt_client._constants import (
     __version__,
 )
 from vpt_client._retry import Retry, RetryPolicy
-from vpt_client.errors import APIConnectionError, APITimeoutError, VPTError, make_api_error
+from vpt_client.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    ResponseValidationError,
+    VPTError,
+    make_api_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +126,15 @@ class BaseClient:
         """Raise the mapped APIError for an error answer `call` does not accept; the body must be read."""
         if not response.is_success and response.status_code not in call.accept:
             raise make_api_error(response)
+
+    def _parse(self, call: Call[T], response: httpx.Response) -> T:
+        try:
+            return call.parse(response)
+        except (ValidationError, ValueError, KeyError, TypeError) as exc:
+            raise ResponseValidationError(
+                f"{call.method} {call.path}: unexpected answer ({type(exc).__name__}: {str(exc)[:300]})",
+                response=response,
+            ) from exc
 
     def _connection_error(self, call: Call[Any], error: httpx.TransportError) -> APIConnectionError:
         where = f"{call.method} {self.base_url}{call.path}"

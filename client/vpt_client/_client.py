@@ -81,7 +81,7 @@ class Client(BaseClient):
             attempt += 1
 
     def _call(self, call: Call[T]) -> T:
-        return call.parse(self._send(call))
+        return self._parse(call, self._send(call))
 
     def train(
         self,

@@ -14,6 +14,7 @@
     │       └── BusyError (503, retry_after)
     ├── APIConnectionError (transport failure)
     │   └── APITimeoutError
+    ├── ResponseValidationError (a success answer that does not parse)
     ├── InvalidInputError (bad arguments caught before anything is sent)
     ├── JobFailedError (a waited-for job ended failed or cancelled)
     └── WaitTimeoutError (a wait ran out of time; the job goes on)
@@ -34,7 +35,7 @@ __all__ = [
     "VPTError", "APIError", "BadRequestError", "InvalidDatasetError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "PayloadTooLargeError",
     "UnsupportedMediaTypeError", "ServerError", "BusyError", "APIConnectionError", "APITimeoutError",
-    "InvalidInputError", "JobFailedError", "WaitTimeoutError", "make_api_error",
+    "InvalidInputError", "JobFailedError", "ResponseValidationError", "WaitTimeoutError", "make_api_error",
 ]
 
 
@@ -130,6 +131,16 @@ class APITimeoutError(APIConnectionError):
     """The request timed out."""
 
     code = "timeout"
+
+
+class ResponseValidationError(VPTError):
+    """The server answered success with a body the SDK cannot read (e.g. a proxy's page, a version skew)."""
+
+    code = "invalid_response"
+
+    def __init__(self, message: str, *, response: httpx.Response | None = None) -> None:
+        super().__init__(message)
+        self.response = response
 
 
 class InvalidInputError(VPTError, ValueError):

@@ -132,7 +132,7 @@ class Backbone(_Model):
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
-    patch_size: int | None = None
+    patch_size: int | list[int] | None = None  # an int or [h, w]
     input_size: list[int] = Field(default_factory=list)
     mean: list[float] = Field(default_factory=list)
     std: list[float] = Field(default_factory=list)

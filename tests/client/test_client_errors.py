@@ -102,3 +102,15 @@ def test_client_side_input_errors_send_nothing(server: FakeServer, client: Clien
     with pytest.raises(v.VPTError):
         Client("ftp://example")
     assert server.requests == []
+
+
+def test_unreadable_success_answer_is_response_validation_error(server: FakeServer, client: Client) -> None:
+    server.on("GET", "/tasks/digits", raw(200, b"<html>login page</html>", "text/html"))
+    server.on("GET", "/jobs/j-1", raw(200, b'{"job_id": "j-1"}', "application/json"))  # no state
+    with pytest.raises(v.ResponseValidationError) as html:
+        client.tasks.get("digits")
+    with pytest.raises(v.ResponseValidationError) as partial:
+        client.jobs.get("j-1")
+    assert html.value.code == partial.value.code == "invalid_response"
+    assert html.value.response is not None and html.value.response.status_code == 200
+    assert "state" in partial.value.message

@@ -195,13 +195,11 @@ def test_bf16_on_the_interpreter_is_refused() -> None:
         triton_attention(**inputs)
 
 
-def test_configs_pruned_to_fit_a100_for_wide_fp32() -> None:
-    import triton
-
-    full = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in ta.GPU_CONFIGS]
+def test_autotune_candidates_depend_on_dtype_and_head_dim() -> None:
+    full = ta._autotuned.configs
+    assert len({ta._as_launch(c) for c in full}) == len(full)
     q32, q16 = torch.empty(1, dtype=torch.float32), torch.empty(1, dtype=torch.float16)
-    assert len(ta._prune(full, {"Q": q16}, BLOCK_D=128)) == len(full)
-    kept = ta._prune(full, {"Q": q32}, BLOCK_D=128)
-    assert 0 < len(kept) < len(full)
-    assert all(c.kwargs["BLOCK_N"] * c.num_stages <= 96 for c in kept)
+    for q, block_d, want in [(q16, 128, ta.GPU_CONFIGS), (q32, 64, ta.GPU_CONFIGS),
+                             (q32, 128, ta.FP32_WIDE_CONFIGS)]:
+        kept = ta._prune(full, {"Q": q}, BLOCK_D=block_d)
+        assert sorted(map(ta._as_launch, kept), key=str) == sorted(want, key=str)

@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from prompt_store import (LocalJobQueue, LocalStore, RedisJobQueue, RedisStore, StoreUnavailable,
-                          UnsupportedStoreUrl, open_queue, open_store)
+from prompt_store import (
+    LocalJobQueue,
+    LocalStore,
+    RedisJobQueue,
+    RedisStore,
+    StoreUnavailable,
+    UnsupportedStoreUrl,
+    open_queue,
+    open_store,
+)
 
 
 def test_local_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

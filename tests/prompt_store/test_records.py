@@ -5,8 +5,16 @@ import json
 
 import pytest
 
-from prompt_store import (ChangeEvent, JobFinished, JobRecord, RecordCorrupt, StoreConflict, TaskInfo, TaskVersion,
-                          apply_job_update)
+from prompt_store import (
+    ChangeEvent,
+    JobFinished,
+    JobRecord,
+    RecordCorrupt,
+    StoreConflict,
+    TaskInfo,
+    TaskVersion,
+    apply_job_update,
+)
 
 V = TaskVersion("t", "task", 2, 10.0, 5, "a" * 64, {"method": "vpt-deep"})
 
@@ -22,8 +30,11 @@ def test_records_round_trip_through_json() -> None:
     assert ChangeEvent.from_dict(json.loads(event.to_json())) == event
 
 
-@pytest.mark.parametrize("bad", [b"not json", b"[1, 2]", b'{"job_id": "j"}', b'{"job_id": "j", "tenant": "t", '
-                                 b'"task_id": "x", "state": "exploded"}'])
+BAD_JOBS = [b"not json", b"[1, 2]", b'{"job_id": "j"}',
+            b'{"job_id": "j", "tenant": "t", "task_id": "x", "state": "exploded"}']
+
+
+@pytest.mark.parametrize("bad", BAD_JOBS)
 def test_damaged_job_records_are_record_corrupt(bad: bytes) -> None:
     with pytest.raises(RecordCorrupt):
         JobRecord.from_json(bad)

@@ -132,7 +132,7 @@ def test_replica_sees_each_publish_within_100ms_p99(backend: Backend) -> None:
         version = writer.put_task("t1", "hot", i.to_bytes(4, "little") * 64, {}).version
         sent[version] = t0
         with arrived:
-            assert arrived.wait_for(lambda: version in seen, timeout=5), f"event for v{version} never arrived"
+            assert arrived.wait_for(lambda v=version: v in seen, timeout=5), f"event for v{version} never arrived"
     sub.close()
     latencies = sorted(seen[v] - sent[v] for v in sent)
     p99 = latencies[int(0.99 * len(latencies)) - 1]

@@ -6,8 +6,15 @@ import threading
 
 import pytest
 
-from prompt_store import (InvalidId, JobFinished, JobNotFound, JobRecord, StoreConflict, TaskNotFound,
-                          VersionNotFound)
+from prompt_store import (
+    InvalidId,
+    JobFinished,
+    JobNotFound,
+    JobRecord,
+    StoreConflict,
+    TaskNotFound,
+    VersionNotFound,
+)
 from tests.prompt_store.conftest import Backend, make_blob, meta_for
 
 

@@ -1,6 +1,7 @@
 """The torch Dataset over ingested samples, and train/val splitting."""
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -9,7 +10,16 @@ import torch
 from PIL import Image
 
 from tests.fixtures.digits import make_digits_zip
-from vpt.data import ImageDataset, IngestedDataset, Sample, ingest_archive, split_dataset, stratified_split
+from vpt.data import (
+    ImageDataset,
+    ImageDecodeError,
+    IngestedDataset,
+    Sample,
+    ingest_archive,
+    open_rgb,
+    split_dataset,
+    stratified_split,
+)
 from vpt.transforms import eval_transform
 
 CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
@@ -53,6 +63,19 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # rotate 90 degrees
     image.save(tmp_path / "r.jpg", exif=exif)
     assert ImageDataset([(tmp_path / "r.jpg", 0)])[0][0].size == (10, 20)
+
+
+def test_open_rgb_refuses_bad_and_oversized_images(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (40, 30)).save(buf, format="PNG")
+    assert open_rgb(io.BytesIO(buf.getvalue()), max_pixels=1200).mode == "RGB"
+    with pytest.raises(ImageDecodeError, match="40x30"):
+        open_rgb(io.BytesIO(buf.getvalue()), max_pixels=1199)
+    png = buf.getvalue()
+    for data in (b"not an image", png[: len(png) - 20], b"%!PS-Adobe-3.0 EPSF-3.0\n"):
+        with pytest.raises(ImageDecodeError) as info:
+            open_rgb(io.BytesIO(data))
+        assert info.value.code == "image_invalid"
 
 
 def test_split_is_deterministic_and_order_independent() -> None:

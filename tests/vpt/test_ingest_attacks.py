@@ -183,7 +183,8 @@ def test_pixel_limit_applies_to_real_images(tmp_path: Path, good: dict[str, byte
 
 # ---- broken archives --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("maker", ["garbage", "truncated-zip", "gzip-not-tar", "truncated-tgz", "empty"])
+@pytest.mark.parametrize("maker", ["garbage", "truncated-zip", "gzip-not-tar", "truncated-tgz",
+                                   "truncated-xz", "corrupt-bz2", "empty"])
 def test_invalid_archives(tmp_path: Path, good: dict[str, bytes], maker: str) -> None:
     path = tmp_path / "a.zip"
     if maker == "garbage":
@@ -193,9 +194,13 @@ def test_invalid_archives(tmp_path: Path, good: dict[str, bytes], maker: str) ->
         path.write_bytes(data[: len(data) // 2])
     elif maker == "gzip-not-tar":
         path.write_bytes(gzip.compress(b"hello " * 1000))
-    elif maker == "truncated-tgz":
-        data = write_tar(tmp_path / "full.tgz", good).read_bytes()
+    elif maker in ("truncated-tgz", "truncated-xz"):
+        data = write_tar(tmp_path / "full", good, "w:" + maker[-2:]).read_bytes()
         path.write_bytes(data[: len(data) * 2 // 3])
+    elif maker == "corrupt-bz2":
+        data = bytearray(write_tar(tmp_path / "full", good, "w:bz2").read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+        path.write_bytes(bytes(data))
     else:
         path.write_bytes(b"")
     refused(path, tmp_path, E.ARCHIVE_INVALID)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from vpt.data.dataset import ImageDataset
-from vpt.data.errors import CODES, DatasetError
+from vpt.data.errors import CODES, DatasetError, ImageDecodeError
 from vpt.data.images import IMAGE_FORMATS, open_rgb
 from vpt.data.ingest import IngestedDataset, Sample, ingest_archive
 from vpt.data.limits import IngestLimits
 from vpt.data.split import DEFAULT_VAL_FRACTION, split_dataset, stratified_split
 
 __all__ = [
-    "CODES", "DEFAULT_VAL_FRACTION", "IMAGE_FORMATS", "DatasetError", "ImageDataset", "IngestLimits",
-    "IngestedDataset", "Sample", "ingest_archive", "open_rgb", "split_dataset", "stratified_split",
+    "CODES", "DEFAULT_VAL_FRACTION", "IMAGE_FORMATS", "DatasetError", "ImageDataset", "ImageDecodeError",
+    "IngestLimits", "IngestedDataset", "Sample", "ingest_archive", "open_rgb", "split_dataset",
+    "stratified_split",
 ]

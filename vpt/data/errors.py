@@ -50,3 +50,9 @@ class DatasetError(VPTError):
 
     def to_dict(self) -> dict[str, object]:
         return {"code": self.code, "message": self.message, "details": self.entries}
+
+
+class ImageDecodeError(VPTError):
+    """One image (e.g. a prediction upload) cannot be decoded or is too large."""
+
+    code = "image_invalid"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import lzma
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -35,8 +37,8 @@ _TAR_READAHEAD = 64 << 10
 _JUNK = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # Errors that mean the archive itself is broken (bad CRC, truncated stream, encrypted member...).
-_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, RuntimeError,
-                NotImplementedError, OSError, ValueError)
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, struct.error, EOFError,
+                RuntimeError, NotImplementedError, OSError, ValueError)
 _COMPRESSED_TAR = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 
 

@@ -10,7 +10,7 @@ from typing import IO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vpt.data import errors as E
-from vpt.data.errors import DatasetError
+from vpt.data.errors import DatasetError, ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,24 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", "
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 
 
-def open_rgb(source: str | Path | IO[bytes]) -> Image.Image:
-    """Decode an image as RGB, honouring EXIF orientation; the one decoder for training and serving."""
-    with Image.open(source, formats=IMAGE_FORMATS) as im:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+def open_rgb(source: str | Path | IO[bytes], max_pixels: int | None = None) -> Image.Image:
+    """Decode an image as RGB, honouring EXIF orientation: the one decoder for training and serving.
+
+    With `max_pixels`, the header's size is checked before anything is decoded. Raises
+    ImageDecodeError for anything that is not a decodable image of an accepted format.
+    """
+    try:
+        with Image.open(source, formats=IMAGE_FORMATS) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageDecodeError(f"the image has {im.width}x{im.height} pixels; "
+                                       f"the limit is {max_pixels}")
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"the image is too large: {e}") from e
+    except Exception as e:  # decoders raise anything (struct.error, SyntaxError...) on bad bytes
+        raise ImageDecodeError(f"not a decodable image ({', '.join(IMAGE_FORMATS)}): {e}") from e
 
 
 def image_problem(path: Path, max_pixels: int) -> str | None:
@@ -48,7 +61,7 @@ def image_problem(path: Path, max_pixels: int) -> str | None:
         return E.IMAGE_TOO_LARGE
     except UnidentifiedImageError:
         return E.CORRUPT_IMAGE if path.suffix.lower() in IMAGE_EXTENSIONS else E.NOT_IMAGE
-    except Exception:  # noqa: BLE001 - decoders raise anything (struct.error, SyntaxError...) on bad bytes
+    except Exception:  # decoders raise anything (struct.error, SyntaxError...) on bad bytes
         return E.CORRUPT_IMAGE
     return None
 

@@ -106,9 +106,9 @@ def _class_folders(dest: Path, dirs: list[Path]) -> list[tuple[Path, str]]:
 def _split_layout(dest: Path, root: Path, dirs: list[Path]) -> Layout:
     train = _class_folders(dest, _listdir(root / "train")[0])
     val_dir = next((d for d in dirs if d.name in _VAL_DIRS), None)
-    val = None
-    if val_dir is not None:
-        val = [s for d in _listdir(val_dir)[0] for s in ((f, d.name) for f in _files_under(d))]
+    val: list[tuple[Path, str]] = []
+    for d in _listdir(val_dir)[0] if val_dir is not None else []:
+        val.extend((f, d.name) for f in _files_under(d))  # an empty val/<class>/ is harmless
     ignored = [d.name for d in dirs if d.name != "train" and d != val_dir]
     if ignored:
         log.info("ignoring folders beside train/ and val/: %s", ignored)

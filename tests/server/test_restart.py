@@ -1,0 +1,51 @@
+"""A restart keeps tasks and job history; queued jobs survive; interrupted ones are failed, not lost."""
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.fixtures.digits import make_digits_zip
+from tests.server.helpers import backbone_for, constant_task, png
+
+
+def wait_state(c: httpx.Client, job_id: str, states: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.get(f"/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached {states}: {job}")
+
+
+def test_restart_keeps_tasks_jobs_and_queue(start_server, tmp_path, tiny_vit_file) -> None:
+    bb = backbone_for(str(tiny_vit_file))
+    archive = make_digits_zip(tmp_path / "d.zip", classes=range(3), per_class=6).read_bytes()
+    first = start_server(env={"VPT_WORKERS": "1"})
+    with httpx.Client(base_url=first.base_url, timeout=60) as c:
+        assert c.put("/tasks/keep/import", content=constant_task(bb, ["a", "b"], winner=1)).status_code == 201
+        # a long job: killed while running
+        r = c.post("/tasks/long/train", files={"dataset": ("d.zip", archive)},
+                   data={"epochs": "500", "method": "vpt-deep", "num_prompts": "2", "batch_size": "4"})
+        long_id = r.json()["job_id"]
+        wait_state(c, long_id, {"running"})
+        # queued behind it (one worker)
+        r = c.post("/tasks/later/train", files={"dataset": ("d.zip", archive)},
+                   data={"epochs": "1", "method": "linear", "batch_size": "8"})
+        queued_id = r.json()["job_id"]
+        assert c.get(f"/jobs/{queued_id}").json()["state"] == "queued"
+    first.kill()  # no graceful shutdown: as a crash would
+
+    second = start_server(env={"VPT_WORKERS": "1"}, port=first.port)
+    with httpx.Client(base_url=second.base_url, timeout=60) as c:
+        assert c.get("/tasks/keep").json()["current_version"] == 1
+        r = c.post("/predict", params={"task": "keep"}, content=png(0), headers={"content-type": "image/png"})
+        assert r.json()["results"][0]["top_k"][0]["label"] == "b"
+        long_job = c.get(f"/jobs/{long_id}").json()
+        assert long_job["state"] == "failed" and long_job["error"]["code"] == "interrupted"
+        done = wait_state(c, queued_id, {"succeeded", "failed"})
+        assert done["state"] == "succeeded", done
+        assert c.get("/tasks/later").json()["current_version"] == done["version"] == 1
+        assert {j["job_id"] for j in c.get("/jobs").json()["jobs"]} == {long_id, queued_id}
+        assert c.get("/tasks/long").status_code == 404  # nothing half-published by the killed job
