@@ -26,6 +26,7 @@ from vpt.backbone import Backbone
 from vpt.data.errors import DatasetError
 from vpt.data.limits import IngestLimits
 from vpt.errors import VPTError
+from vpt.task import read_metadata
 from vpt.train import TrainingCancelled, TrainingError, TrainOptions
 
 log = logging.getLogger(__name__)
@@ -171,9 +172,10 @@ class TrainingWorker:
             result = train_task_from_archive(
                 Path(job.dataset_path or ""), work, self.backbone, options, self.limits,
                 on_progress=beat.progress, should_cancel=beat.cancelled,
-                extra_metadata={"job_id": job.job_id, "task_id": job.task_id})
+                extra={"job_id": job.job_id, "task_id": job.task_id})
             beat.stop()
-            version = self.store.put_task(job.tenant, job.task_id, result.blob, result.metadata).version
+            blob = result.task_file
+            version = self.store.put_task(job.tenant, job.task_id, blob, read_metadata(blob)).version
             self._finish(job, "succeeded", version=version, metrics=result.metrics)
             log.info("job %s: task %s/%s version %d published", job.job_id, job.tenant, job.task_id, version)
         except TrainingCancelled:

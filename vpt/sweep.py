@@ -14,6 +14,7 @@ parameters are kept as they are; nothing is retrained.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vpt.backbone import Backbone
 from vpt.train import (
-    CancelFn, Progress, ProgressFn, TrainOptions, TrainOptionsError, TrainOutcome, train_task,
+    CancelFn, Progress, ProgressFn, TrainingDiverged, TrainOptions, TrainOptionsError, TrainOutcome, train_task,
 )
 
 log = logging.getLogger(__name__)
@@ -46,26 +47,27 @@ def sweep_grid(name: str) -> list[tuple[float, float]]:
 class SweepRun:
     base_lr: float
     weight_decay: float
-    score: float          # validation accuracy at the run's kept epoch
-    best_epoch: int
-    final_train_loss: float
+    score: float                    # validation accuracy at the run's kept epoch; 0 if it diverged
+    best_epoch: int | None
+    final_train_loss: float | None
     seconds: float
+    diverged: bool = False
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | bool | None]:
         return {"base_lr": self.base_lr, "weight_decay": self.weight_decay, "val_accuracy": self.score,
                 "best_epoch": self.best_epoch, "final_train_loss": self.final_train_loss,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "diverged": self.diverged}
 
 
 @dataclass
 class SweepResult:
     winner: TrainOutcome
     runs: list[SweepRun]
-    grid: str
+    preset: str
+    grid: list[tuple[float, float]]
 
     def to_dict(self) -> dict[str, object]:
-        lrs, wds = GRIDS[self.grid]
-        return {"preset": self.grid, "base_lrs": list(lrs), "weight_decays": list(wds),
+        return {"preset": self.preset, "grid": [list(p) for p in self.grid],
                 "runs": [r.to_dict() for r in self.runs],
                 "winner": {"base_lr": self.winner.options.base_lr,
                            "weight_decay": self.winner.options.weight_decay,
@@ -94,13 +96,21 @@ def run_sweep(backbone: Backbone, classes: Sequence[str], train_set: Dataset, va
     winner: TrainOutcome | None = None
     for i, (lr, wd) in enumerate(pairs, start=1):
         progress.run = i
-        outcome = train_task(backbone, classes, train_set, val_set, options.replace(base_lr=lr, weight_decay=wd),
-                             should_cancel=should_cancel, progress=progress)
+        started = time.perf_counter()
+        try:
+            outcome = train_task(backbone, classes, train_set, val_set,
+                                 options.replace(base_lr=lr, weight_decay=wd), should_cancel=should_cancel,
+                                 progress=progress)
+        except TrainingDiverged as e:  # a too-large lr is a result of the search, not a failure of it
+            log.info("sweep run %d/%d: base_lr %g, wd %g diverged: %s", i, len(pairs), lr, wd, e.message)
+            runs.append(SweepRun(lr, wd, 0.0, None, None, time.perf_counter() - started, diverged=True))
+            continue
         run = SweepRun(lr, wd, float(outcome.best_val_acc or 0.0), outcome.best_epoch,
                        outcome.history[-1].train_loss, outcome.seconds)
         runs.append(run)
         log.info("sweep run %d/%d: base_lr %g, wd %g -> val acc %.4f", i, len(pairs), lr, wd, run.score)
         if _better(run, best_run):
             best_run, winner = run, outcome
-    assert winner is not None
-    return SweepResult(winner=winner, runs=runs, grid=options.sweep if grid is None else "custom")
+    if winner is None:
+        raise TrainingDiverged(f"every run of the {len(pairs)}-run sweep diverged; try smaller learning rates")
+    return SweepResult(winner=winner, runs=runs, preset=options.sweep if grid is None else "custom", grid=pairs)

@@ -274,14 +274,14 @@ def make_optimizer(params: TaskParams, options: TrainOptions) -> torch.optim.SGD
     return torch.optim.SGD(groups, lr=options.lr, momentum=MOMENTUM)
 
 
-def _loader(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
+def make_loader(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
             options: TrainOptions, device: torch.device) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
                       num_workers=options.num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=options.num_workers > 0)
 
 
-def _cancel_point(should_cancel: CancelFn | None) -> None:
+def check_cancel(should_cancel: CancelFn | None) -> None:
     if should_cancel is not None and should_cancel():
         raise TrainingCancelled("training was cancelled")
 
@@ -294,7 +294,7 @@ def predict(backbone: Backbone, params: TaskParams, loader: DataLoader, amp: boo
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         table, _ = training_table(backbone, params, 1, dropout=0.0, training=False)
         for images, y in loader:
-            _cancel_point(should_cancel)
+            check_cancel(should_cancel)
             images = images.to(dev, backbone.dtype, non_blocking=True)            # (B, 3, H, W)
             slot = torch.zeros(images.shape[0], dtype=torch.long, device=dev)       # (B,)
             outs.append(forward_logits(backbone, images, table, slot).float().cpu())  # (B, C)
@@ -319,9 +319,9 @@ def _train_step(backbone: Backbone, params: TaskParams, optimizer: torch.optim.S
 
 
 def _check_gradients(params: TaskParams) -> None:
-    """The frozen path must carry gradients to every trainable tensor (a forward-only attention
-    kernel would silently cut them)."""
-    missing = [name for name, p in params.named_parameters() if p.grad is None]
+    """The frozen path must carry gradients to every trainable tensor. A forward-only attention
+    kernel cuts them silently: deep prompts get no gradient, shallow prompts an all-zero one."""
+    missing = [name for name, p in params.named_parameters() if p.grad is None or not bool(p.grad.any())]
     if missing:
         raise TrainingError(f"no gradient reached {missing}; the attention backend in use has no backward "
                             "pass (use the torch backend for training)", code="no_gradient")
@@ -345,9 +345,9 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
         torch.manual_seed(options.seed)  # prompt dropout and augmentation draw from the global generator
         params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
         optimizer = make_optimizer(params, options)
-        loader = _loader(train_set, options.batch_size, True, torch.Generator().manual_seed(options.seed + 1),
+        loader = make_loader(train_set, options.batch_size, True, torch.Generator().manual_seed(options.seed + 1),
                          options, dev)
-        val_loader = _loader(val_set, options.batch_size, False, None, options, dev) if val_set else None
+        val_loader = make_loader(val_set, options.batch_size, False, None, options, dev) if val_set else None
         return _run(backbone, params, optimizer, loader, val_loader, options, progress, should_cancel,
                     amp, warmup, total)
 
@@ -371,7 +371,7 @@ def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.
     loss_sum, seen, lr = 0.0, 0, 0.0
     info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
     for images, labels in loader:
-        _cancel_point(should_cancel)
+        check_cancel(should_cancel)
         lr = options.lr * lr_multiplier(state.step, warmup, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -403,7 +403,7 @@ def _run(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loa
         val_loss = None
         if val_loader is not None:
             logits, preds, y = predict(backbone, params, val_loader, amp, should_cancel)
-            state.val_acc = float((preds == y).float().mean()) if y.numel() else 0.0
+            state.val_acc = int((preds == y).sum()) / y.numel() if y.numel() else 0.0
             val_loss = float(F.cross_entropy(logits, y)) if y.numel() else None
             if state.best is None or state.val_acc > state.best[0]:  # ties keep the earlier epoch
                 state.best = (state.val_acc, epoch, copy.deepcopy(params.state_dict()))

@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, Self, TypeVar, Unpack
 
 import anyio
 import anyio.to_thread
@@ -48,7 +48,7 @@ class AsyncClient(BaseClient):
         if self._owns_http:
             await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -144,9 +144,9 @@ class AsyncTasks:
         target, partial = Path(path), Path(f"{path}.part")
         response = await self._client._send(call, stream=True)
         try:
-            with partial.open("wb") as fh:
+            async with await anyio.open_file(partial, "wb") as fh:
                 async for chunk in response.aiter_bytes():
-                    fh.write(chunk)
+                    await fh.write(chunk)
         except httpx.TransportError as exc:
             partial.unlink(missing_ok=True)
             raise APIConnectionError(f"export of {task} broke off: {exc}") from exc

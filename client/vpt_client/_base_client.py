@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from pydantic import ValidationError
-
 import httpx
+from pydantic import ValidationError
 
 from vpt_client._constants import (
     DEFAULT_BASE_URL,
@@ -27,8 +26,8 @@ from vpt_client._retry import Retry, RetryPolicy
 from vpt_client.errors import (
     APIConnectionError,
     APITimeoutError,
+    InvalidInputError,
     ResponseValidationError,
-    VPTError,
     make_api_error,
 )
 
@@ -70,12 +69,12 @@ class BaseClient:
     ) -> None:
         base_url = base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
         if not base_url.startswith(("http://", "https://")):
-            raise VPTError(f"base URL {base_url!r} must start with http:// or https://", code="invalid_input")
+            raise InvalidInputError(f"base URL {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else (os.environ.get(ENV_API_KEY) or None)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         if max_retries < 0:
-            raise VPTError("max_retries must be >= 0", code="invalid_input")
+            raise InvalidInputError("max_retries must be >= 0")
         self.max_retries = max_retries
         self.retry_policy = RetryPolicy(max_retries=max_retries)
         self._extra_headers = dict(headers or {})

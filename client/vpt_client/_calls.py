@@ -11,11 +11,10 @@ import httpx
 from vpt_client._base_client import Call, TimeoutTypes
 from vpt_client._constants import STREAM_TIMEOUT, UPLOAD_TIMEOUT
 from vpt_client._files import FilePart, ProgressReader
-from vpt_client._sse import ServerSentEvent
 from vpt_client._retry import Retry
+from vpt_client._sse import ServerSentEvent
 from vpt_client.errors import InvalidInputError
 from vpt_client.models import Backbone, Health, Job, Prediction, Readiness, Task, Version
-
 
 
 class TrainOptions(TypedDict, total=False):

@@ -38,6 +38,15 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def short_metrics(metrics: dict[str, Any] | None, limit: int = 4) -> str:
+    """The scalar metrics, accuracies first, as `k=v` (nested ones are left to --json)."""
+    if not metrics:
+        return "-"
+    scalars = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    scalars.sort(key=lambda kv: "acc" not in kv[0])  # stable: accuracies first, then the server's order
+    return " ".join(f"{k}={cell(v)}" for k, v in scalars[:limit]) or "-"
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """Left-aligned columns, two spaces apart."""
     text_rows = [[cell(v) for v in row] for row in rows]
@@ -87,7 +96,7 @@ def job_fraction(job: Job) -> float:
 def job_line(job: Job) -> str:
     """`[#####-------]  42% running  epoch 3/10  loss 0.412  val_acc 0.91  120 img/s  eta 1m05s`."""
     frac = job_fraction(job)
-    filled = int(round(frac * BAR_WIDTH))
+    filled = round(frac * BAR_WIDTH)
     parts = [f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {frac * 100:3.0f}%", job.state]
     p = job.progress
     if p is not None:

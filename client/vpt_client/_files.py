@@ -12,12 +12,12 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Union
+from typing import IO, Any, BinaryIO, Self
 
 from vpt_client._constants import SPOOL_MAX_BYTES
 from vpt_client.errors import InvalidInputError
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Any]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Any
 ProgressCallback = Callable[[int, int], None]  # (bytes sent, bytes total)
 FilePart = tuple[str, bytes, str]  # (filename, data, content type)
 
@@ -150,7 +150,7 @@ class DatasetUpload:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self) -> DatasetUpload:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -161,7 +161,7 @@ def prepare_dataset(dataset: str | os.PathLike) -> DatasetUpload:
     """A directory is zipped (in memory up to a few MB, then in a temporary file); an archive is opened."""
     path = Path(dataset)
     if path.is_dir():
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES)
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES)  # noqa: SIM115 - DatasetUpload closes it
         try:
             zip_directory(path, spool)
         except BaseException:

@@ -30,10 +30,10 @@ def _emit(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> None
 
 
 def cmd_train(client: Client, args: argparse.Namespace) -> int:
-    options = dict(method=args.method, num_prompts=args.prompts, epochs=args.epochs, batch_size=args.batch_size,
-                   base_lr=args.lr, weight_decay=args.weight_decay, prompt_dropout=args.prompt_dropout,
-                   sweep=args.sweep, seed=args.seed, val_fraction=args.val_fraction,
-                   warmup_epochs=args.warmup_epochs)
+    options = {"method": args.method, "num_prompts": args.prompts, "epochs": args.epochs,
+               "batch_size": args.batch_size, "base_lr": args.lr, "weight_decay": args.weight_decay,
+               "prompt_dropout": args.prompt_dropout, "sweep": args.sweep, "seed": args.seed,
+               "val_fraction": args.val_fraction, "warmup_epochs": args.warmup_epochs}
     upload = fmt.UploadProgress(sys.stderr, Path(args.dataset).name, enabled=not args.json)
     handle = client.train(args.task, args.dataset, on_upload=upload, **options)
     upload.finish()
@@ -69,7 +69,7 @@ def _follow(handle: JobHandle, bar: fmt.TrainingBar) -> Job:
 
 def _job_summary(job: Job) -> str:
     if job.succeeded:
-        metrics = f"  {fmt.cell(job.metrics)}" if job.metrics else ""
+        metrics = f"  {fmt.short_metrics(job.metrics)}" if job.metrics else ""
         return f"task {job.task_id}: version {job.version} trained{metrics}"
     return f"task {job.task_id}: job {job.job_id} {job.state}"
 
@@ -93,7 +93,7 @@ def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
                  ("method", t.method), ("prompts", t.num_prompts), ("classes", t.classes),
                  ("backbone", t.backbone), ("fingerprint", t.backbone_fingerprint),
                  ("size", fmt.human_bytes(t.size_bytes)), ("created", t.created_at),
-                 ("updated", t.updated_at), ("metrics", t.metrics)]
+                 ("updated", t.updated_at), ("metrics", fmt.short_metrics(t.metrics))]
         _emit(args, t, lambda: fmt.details(pairs))
         return 0
     tasks = client.tasks.list()
@@ -107,7 +107,7 @@ def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
 def cmd_versions(client: Client, args: argparse.Namespace) -> int:
     versions = client.tasks.versions(args.task)
     rows = [(v.version, "*" if v.current else "", v.method, v.num_prompts, len(v.classes),
-             fmt.human_bytes(v.size_bytes), v.created_at, v.metrics) for v in versions]
+             fmt.human_bytes(v.size_bytes), v.created_at, fmt.short_metrics(v.metrics, 2)) for v in versions]
     _emit(args, versions, lambda: fmt.table(
         ("VERSION", "CURRENT", "METHOD", "PROMPTS", "CLASSES", "SIZE", "CREATED", "METRICS"), rows))
     return 0
@@ -137,7 +137,8 @@ def cmd_job(client: Client, args: argparse.Namespace) -> int:
     j = client.jobs.get(args.job_id)
     err = f"{j.error.code}: {j.error.message}" if j.error else None
     pairs = [("job", j.job_id), ("task", j.task_id), ("state", j.state), ("progress", fmt.job_line(j)),
-             ("options", j.options), ("version", j.version), ("metrics", j.metrics), ("error", err),
+             ("options", j.options), ("version", j.version), ("metrics", fmt.short_metrics(j.metrics)),
+             ("error", err),
              ("created", j.created_at), ("started", j.started_at), ("finished", j.finished_at)]
     _emit(args, j, lambda: fmt.details(pairs))
     return 0
@@ -206,22 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("train", cmd_train, "upload a dataset (directory or .zip/.tar/.tar.gz) and train a task")
-    p.add_argument("task")
-    p.add_argument("dataset", metavar="DIR_OR_ARCHIVE")
-    p.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"), help="default: the server's")
-    p.add_argument("--prompts", type=int, help="prompt tokens per layer (num_prompts)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="base learning rate (base_lr)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--prompt-dropout", type=float)
-    p.add_argument("--sweep", choices=("none", "small", "paper"), help="learning-rate/weight-decay sweep")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-fraction", type=float)
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--no-wait", action="store_true", help="print the job and return at once")
-
+    _train_arguments(add("train", cmd_train, "upload a dataset (directory or .zip/.tar/.tar.gz) and train a task"))
     p = add("predict", cmd_predict, "classify images with a task")
     p.add_argument("task")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -249,6 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("backbone", cmd_backbone, "show the server's backbone")
     add("health", cmd_health, "show liveness and readiness (exit 1 when not ready)")
     return parser
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task")
+    p.add_argument("dataset", metavar="DIR_OR_ARCHIVE")
+    p.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"), help="default: the server's")
+    p.add_argument("--prompts", type=int, help="prompt tokens per layer (num_prompts)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="base learning rate (base_lr)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--prompt-dropout", type=float)
+    p.add_argument("--sweep", choices=("none", "small", "paper"), help="learning-rate/weight-decay sweep")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--no-wait", action="store_true", help="print the job and return at once")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

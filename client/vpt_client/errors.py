@@ -32,10 +32,25 @@ if TYPE_CHECKING:
     from vpt_client.models import Job
 
 __all__ = [
-    "VPTError", "APIError", "BadRequestError", "InvalidDatasetError", "AuthenticationError",
-    "PermissionDeniedError", "NotFoundError", "ConflictError", "PayloadTooLargeError",
-    "UnsupportedMediaTypeError", "ServerError", "BusyError", "APIConnectionError", "APITimeoutError",
-    "InvalidInputError", "JobFailedError", "ResponseValidationError", "WaitTimeoutError", "make_api_error",
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BusyError",
+    "ConflictError",
+    "InvalidDatasetError",
+    "InvalidInputError",
+    "JobFailedError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "ResponseValidationError",
+    "ServerError",
+    "UnsupportedMediaTypeError",
+    "VPTError",
+    "WaitTimeoutError",
+    "make_api_error",
 ]
 
 
@@ -195,8 +210,8 @@ def make_api_error(response: httpx.Response) -> APIError:
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else APIError)
     if status == 400 and code.startswith("dataset_"):
         cls = InvalidDatasetError
-    kwargs: dict[str, Any] = dict(status=status, code=code, details=details, response=response,
-                                  request_id=response.headers.get("x-request-id"))
+    kwargs: dict[str, Any] = {"status": status, "code": code, "details": details, "response": response,
+                              "request_id": response.headers.get("x-request-id")}
     if cls is BusyError:
         kwargs["retry_after"] = parse_retry_after(response.headers)
     return cls(message or response.reason_phrase or f"HTTP {status}", **kwargs)

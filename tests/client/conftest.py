@@ -4,12 +4,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
-from tests.client.fake_server import DroppingServer, FakeServer
 from vpt_client import AsyncClient, Client
 from vpt_client._retry import RetryPolicy
 
-FAST_RETRY = dict(initial_delay=0.01, max_delay=0.05)
+from tests.client.fake_server import DroppingServer, FakeServer
+
+FAST_RETRY = {"initial_delay": 0.01, "max_delay": 0.05}
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """The `vpt` command line: output, --json, exit codes and error lines, against the scripted server."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -11,10 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from vpt_client.cli import main
 
 from tests.client import samples
 from tests.client.fake_server import FakeServer, error, raw, reply, sse
-from vpt_client.cli import main
 
 
 def run(server: FakeServer, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -163,8 +162,10 @@ def test_console_script_runs(server: FakeServer) -> None:
     server.on("GET", "/jobs/j-1", error(404, "job_not_found", "no job j-1"))
     server.on("GET", "/backbone", reply(200, samples.BACKBONE))
     env = os.environ | {"VPT_BASE_URL": server.url, "VPT_API_KEY": "k-env"}
-    done = subprocess.run([exe, "job", "j-1"], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run([exe, "job", "j-1"], capture_output=True, text=True, env=env, timeout=60,
+                          check=False)
     assert (done.returncode, done.stdout, done.stderr) == (1, "", "error: job_not_found: no job j-1\n")
-    done = subprocess.run([exe, "--json", "backbone"], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run([exe, "--json", "backbone"], capture_output=True, text=True, env=env, timeout=60,
+                          check=False)
     assert done.returncode == 0 and json.loads(done.stdout)["name"] == samples.BACKBONE["name"]
     assert server.calls("GET", "/backbone")[0].headers["authorization"] == "Bearer k-env"

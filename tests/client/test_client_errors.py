@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-
 import vpt_client as v
-from tests.client.fake_server import FakeServer, error, raw
 from vpt_client import AsyncClient, Client
+
+from tests.client.fake_server import FakeServer, error, raw
 
 DATASET_CODES = [
     "dataset_unsafe_path", "dataset_link", "dataset_too_large", "dataset_bomb", "dataset_image_too_large",

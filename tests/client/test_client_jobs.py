@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import vpt_client as v
+from vpt_client import AsyncClient, Client, Job
+from vpt_client._sse import ServerSentEvent, SSEDecoder
+
 from tests.client import samples
 from tests.client.fake_server import FakeServer, reply, sse
-from vpt_client import AsyncClient, Client, Job
-from vpt_client._sse import SSEDecoder, ServerSentEvent
 
 
 def _feed(text: str) -> list[ServerSentEvent]:

@@ -1,13 +1,13 @@
 """Answers parse into the typed models, extra fields kept; each resource hits its documented route."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
+from vpt_client import AsyncClient, Backbone, Client, Job, Prediction, Task, Version
 
 from tests.client import samples
 from tests.client.fake_server import FakeServer, error, reply
-from vpt_client import AsyncClient, Backbone, Client, Job, Prediction, Task, Version
 
 
 def test_task_version_backbone_models(server: FakeServer, client: Client) -> None:
@@ -19,7 +19,7 @@ def test_task_version_backbone_models(server: FakeServer, client: Client) -> Non
     assert [t.task_id for t in tasks] == ["digits", "bare"]
     task = client.tasks.get("digits")
     assert isinstance(task, Task) and task == tasks[0]
-    assert task.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert task.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert (task.current_version, task.num_prompts, task.classes) == (2, 10, ["0", "1", "2"])
     assert task.metrics == {"val_acc": 0.97}
     assert task.model_extra == {"tenant_note": "extra"}

@@ -6,12 +6,12 @@ import math
 import time
 
 import pytest
-
 import vpt_client as v
-from tests.client import samples
-from tests.client.fake_server import DroppingServer, FakeServer, error, reply
 from vpt_client import AsyncClient, Client
 from vpt_client._retry import Retry, RetryPolicy, parse_retry_after
+
+from tests.client import samples
+from tests.client.fake_server import DroppingServer, FakeServer, error, reply
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 

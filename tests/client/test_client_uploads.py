@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import vpt_client as v
+from PIL import Image
+from vpt_client import AsyncClient, Client
+
 from tests.client import samples
 from tests.client.fake_server import FakeServer, raw, reply
-from vpt_client import AsyncClient, Client
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> bytes:

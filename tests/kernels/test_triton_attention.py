@@ -1,6 +1,11 @@
 """The prompt-fused Triton kernel against the float64 reference (Triton's interpreter on a CPU)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +17,7 @@ from kernels.torch_attention import torch_attention
 from kernels.triton_attention import triton_attention
 from tests.kernels.cases import DEVICE, Case, make_inputs, max_err, reference
 
+ROOT = Path(__file__).resolve().parents[2]
 PLENS = (0, 1, 15, 16, 17, 20)  # 20 = P_max
 CASES = [
     Case(1, 1, 1, 32, plens=(0, 17), slots=(1,)),
@@ -203,3 +209,20 @@ def test_autotune_candidates_depend_on_dtype_and_head_dim() -> None:
                              (q32, 128, ta.FP32_WIDE_CONFIGS)]:
         kept = ta._prune(full, {"Q": q}, BLOCK_D=block_d)
         assert sorted(map(ta._as_launch, kept), key=str) == sorted(want, key=str)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused_clearly() -> None:
+    code = (
+        "import torch\n"
+        "from kernels import BackendUnavailable, attention\n"
+        "x = torch.randn(1, 1, 4, 16)\n"
+        "try:\n"
+        "    attention(x, x, x, None, None, None, None, None, 0.25, backend='triton')\n"
+        "except BackendUnavailable as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "REFUSED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout and "backend='torch'" in res.stdout

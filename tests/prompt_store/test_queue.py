@@ -68,7 +68,7 @@ def test_dead_workers_job_is_recovered_by_another(queue: JobQueue) -> None:
     with pytest.raises(StoreConflict):
         queue.heartbeat(lost)  # the old owner learns it lost the job
     queue.heartbeat(recovered[0])
-    assert queue.recover_stale(idle_ms=100, worker="w3") == []  # the heartbeat made it fresh
+    assert queue.recover_stale(idle_ms=2000, worker="w3") == []  # the heartbeat made it fresh
     assert queue.ack(recovered[0])
     assert queue.stats() == {"waiting": 0, "claimed": 0}
 
@@ -77,9 +77,9 @@ def test_heartbeats_keep_a_job_from_being_recovered(queue: JobQueue) -> None:
     queue.enqueue("t1", "job-1")
     claim = queue.claim("w1", timeout_s=1)
     for _ in range(3):
-        time.sleep(0.06)
+        time.sleep(0.2)  # longer than idle_ms: without the heartbeat the job would be stale
         queue.heartbeat(claim)
-        assert queue.recover_stale(idle_ms=50, worker="w2") == []
+        assert queue.recover_stale(idle_ms=150, worker="w2") == []
     assert queue.ack(claim)
 
 

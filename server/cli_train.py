@@ -1,0 +1,289 @@
+"""`vpt-serve train` and `vpt-serve eval`: train a task file from a dataset, score one on a dataset.
+
+DATASET is an archive (zip, tar, tar.gz, ...) or a directory in one of the accepted layouts
+(class folders, train/ and val/ folders, or a manifest); a directory is packed into a temporary
+tar and ingested with the same checks as an upload. The backbone comes from --backbone,
+--backbone-weights and --backbone-kwargs, defaulting to VPT_BACKBONE, VPT_BACKBONE_WEIGHTS and
+VPT_BACKBONE_KWARGS. Errors print `error: <code>: <message>` and exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+# flag -> TrainOptions field; flags left out keep the TrainOptions default
+_OPTION_FLAGS = {"method": "method", "prompts": "num_prompts", "epochs": "epochs", "batch_size": "batch_size",
+                 "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
+                 "prompt_dropout": "prompt_dropout", "augmentation": "augmentation", "sweep": "sweep",
+                 "seed": "seed", "val_fraction": "val_fraction", "keep": "keep",
+                 "mixed_precision": "mixed_precision", "workers": "num_workers"}
+
+
+class CliError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _backbone_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default=os.environ.get("VPT_BACKBONE", DEFAULT_BACKBONE),
+                   help="timm model name (env VPT_BACKBONE; default %(default)s)")
+    g.add_argument("--backbone-weights", default=os.environ.get("VPT_BACKBONE_WEIGHTS") or None,
+                   help="local checkpoint instead of a download (env VPT_BACKBONE_WEIGHTS)")
+    g.add_argument("--backbone-kwargs", default=os.environ.get("VPT_BACKBONE_KWARGS") or None,
+                   help="JSON object of timm.create_model arguments (env VPT_BACKBONE_KWARGS)")
+    g.add_argument("--device", default=os.environ.get("VPT_DEVICE", "auto"),
+                   help="cpu, cuda, cuda:N or auto (env VPT_DEVICE; default %(default)s)")
+    g.add_argument("--dtype", default=os.environ.get("VPT_DTYPE", "float32"),
+                   help="backbone dtype (env VPT_DTYPE; default %(default)s)")
+
+
+def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train` and `eval`; each sets `func(args) -> exit status`."""
+    t = subparsers.add_parser("train", help="train a task file from a dataset",
+                              description="Train a task (prompts + head) on the frozen backbone.")
+    t.add_argument("dataset", type=Path, help="dataset archive or directory")
+    t.add_argument("--task", help="task name, recorded in the file; the default output is TASK.safetensors")
+    t.add_argument("--out", type=Path, help="output task file")
+    t.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"))
+    t.add_argument("--prompts", type=int, help="prompts per layer (ignored for linear)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="base learning rate (scaled by batch size / 256)")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--warmup-epochs", type=int)
+    t.add_argument("--prompt-dropout", type=float)
+    t.add_argument("--augmentation", choices=("fgvc", "none"))
+    t.add_argument("--sweep", choices=("none", "small", "paper"), help="lr x weight-decay grid search")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--val-fraction", type=float)
+    t.add_argument("--keep", choices=("best", "last"), help="keep the best epoch (by val accuracy) or the last")
+    t.add_argument("--mixed-precision", choices=("auto", "bf16", "off"))
+    t.add_argument("--workers", type=int, help="data-loading worker processes")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _backbone_flags(t)
+    t.set_defaults(func=train_command)
+
+    e = subparsers.add_parser("eval", help="score a task file on a labelled dataset",
+                              description="Accuracy of a task file on every image of a dataset.")
+    e.add_argument("task_file", type=Path)
+    e.add_argument("dataset", type=Path, help="dataset archive or directory")
+    e.add_argument("--per-class", action="store_true", help="also print each class's accuracy")
+    e.add_argument("--split", choices=("all", "train", "val"), default="all",
+                   help="which images of the dataset to score (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _backbone_flags(e)
+    e.set_defaults(func=eval_command)
+
+
+def _run_reporting_errors(body: Callable[[], int]) -> int:
+    from vpt.errors import VPTError
+
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print("error: cancelled: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, VPTError) as e:
+        code = getattr(e, "code", None) or _code_for(e)
+        print(f"error: {code}: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _code_for(e: Exception) -> str:
+    from vpt.errors import BackboneError
+
+    return "backbone_unavailable" if isinstance(e, BackboneError) else "error"
+
+
+def _load_backbone(args: argparse.Namespace) -> Any:
+    import torch
+
+    from vpt.backbone import load_backbone
+
+    kwargs = None
+    if args.backbone_kwargs:
+        try:
+            kwargs = json.loads(args.backbone_kwargs)
+        except json.JSONDecodeError as e:
+            raise CliError("invalid_parameter", f"--backbone-kwargs is not valid JSON: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise CliError("invalid_parameter", "--backbone-kwargs must be a JSON object")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise CliError("invalid_parameter", f"--device {device!r}: {e}") from e
+    return load_backbone(args.backbone, weights=args.backbone_weights, model_kwargs=kwargs, device=device,
+                         dtype=args.dtype)
+
+
+def _as_archive(dataset: Path, tmp: Path) -> Path:
+    """An archive path for `dataset`: itself, or a tar of the directory's files."""
+    if dataset.is_file():
+        return dataset
+    if not dataset.is_dir():
+        raise CliError("dataset_not_found", f"{dataset} is neither a file nor a directory")
+    archive = tmp / "dataset.tar"
+    with tarfile.open(archive, "w") as tf:
+        for path in sorted(dataset.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                tf.add(path, path.relative_to(dataset).as_posix(), recursive=False)
+    return archive
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from vpt.train import TrainOptions
+
+    given = {field: getattr(args, flag) for flag, field in _OPTION_FLAGS.items() if getattr(args, flag) is not None}
+    return TrainOptions(**given)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Bar:
+    """A tqdm bar fed by progress events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.run = enabled, None, 0
+
+    def __call__(self, event: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=event.steps * event.runs, unit="step", file=sys.stderr, dynamic_ncols=True)
+        if event.runs > 1 and event.run != self.run:
+            self.run = event.run
+            self.bar.set_description(f"run {event.run}/{event.runs} lr {event.base_lr:g} wd {event.weight_decay:g}")
+        self.bar.n = (event.run - 1) * event.steps + event.step
+        post = {"epoch": f"{event.epoch}/{event.epochs}", "loss": f"{event.loss:.4f}", "lr": f"{event.lr:.4g}"}
+        if event.val_acc is not None:
+            post["val_acc"] = f"{event.val_acc:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_command(args: argparse.Namespace) -> int:
+    return _run_reporting_errors(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vpt.pipeline import train_task_from_archive
+
+    if args.out is None and not args.task:
+        raise CliError("invalid_parameter", "give --out FILE or --task NAME (written to NAME.safetensors)")
+    out = args.out or Path(f"{args.task}.safetensors")
+    options = _options(args)
+    backbone = _load_backbone(args)
+    bar = _Bar(not args.no_progress)
+    with tempfile.TemporaryDirectory(prefix="vpt-train-") as tmp:
+        archive = _as_archive(args.dataset, Path(tmp))
+        try:
+            result = train_task_from_archive(archive, Path(tmp) / "work", backbone, options, on_progress=bar,
+                                             extra={"task": args.task} if args.task else None)
+        finally:
+            bar.close()
+    _write_atomic(out, result.task_file)
+    m = result.metrics
+    acc = "n/a (no validation images)" if m["val_accuracy"] is None else f"{m['val_accuracy']:.4f}"
+    print(f"{result.spec.method}: val accuracy {acc}, best epoch {m['best_epoch']}/{options.epochs}, "
+          f"{m['trainable_parameters']['total']} trainable parameters, {m['train_time_s']:.1f} s")
+    print(f"wrote {out} ({len(result.task_file)} bytes)")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    return _run_reporting_errors(lambda: _eval(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vpt.data import ImageDataset, ingest_archive
+    from vpt.pipeline import evaluate
+    from vpt.task import load_task_file
+    from vpt.train import TrainOptions
+    from vpt.transforms import eval_transform
+
+    if not args.task_file.is_file():
+        raise CliError("task_file_not_found", f"{args.task_file} does not exist")
+    if args.batch_size < 1:
+        raise CliError("invalid_parameter", "--batch-size must be at least 1")
+    backbone = _load_backbone(args)
+    task = load_task_file(args.task_file.read_bytes(), backbone)
+    with tempfile.TemporaryDirectory(prefix="vpt-eval-") as tmp:
+        data = ingest_archive(_as_archive(args.dataset, Path(tmp)), Path(tmp) / "data")
+        classes = task.spec.classes
+        unknown = [c for c in data.classes if c not in classes]
+        if unknown:
+            raise CliError("class_mismatch", f"dataset classes unknown to the task: {unknown[:20]}; "
+                           f"the task has {list(classes)[:20]}")
+        index = [classes.index(c) for c in data.classes]
+        picked = {"all": list(data.train) + list(data.val or ()), "train": list(data.train),
+                  "val": list(data.val or ())}[args.split]
+        if not picked:
+            raise CliError("invalid_parameter", f"the dataset has no {args.split} images")
+        samples = [(path, index[label]) for path, label in picked]
+        options = TrainOptions(batch_size=args.batch_size)
+        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, eval_transform(
+            backbone.data_config)), classes, options)
+    _print_report(report, args)
+    return 0
+
+
+def _print_report(report: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        out = report.to_dict()
+        if not args.per_class:
+            out = {"accuracy": out["accuracy"], "num_samples": out["num_samples"]}
+        print(json.dumps(out))
+        return
+    correct = round(report.accuracy * report.num_samples)
+    print(f"accuracy {report.accuracy:.4f} ({correct}/{report.num_samples} images)")
+    if args.per_class:
+        width = max(len(c) for c in report.classes)
+        for name, acc, n in zip(report.classes, report.per_class, report.support):
+            if n:
+                print(f"  {name:<{width}}  {acc:.4f}  ({n} images)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m server.cli_train train|eval ...` (the same commands as `vpt-serve`)."""
+    parser = argparse.ArgumentParser(prog="vpt-serve")
+    add_train_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
