@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import set_backend  # noqa: E402
-from kernels.torch_attention import torch_attention  # noqa: E402
+from kernels import set_backend
+from kernels.torch_attention import torch_attention
 
 H, N, D = 12, 197, 64
 GPU = torch.cuda.is_available()
@@ -41,26 +41,39 @@ def emit(record: dict) -> None:
     print(json.dumps({"device": DEVICE_NAME, "mode": MODE, **record}), flush=True)
 
 
-def time_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of `fn` in milliseconds (CUDA events on a GPU)."""
-    fn()  # warm-up: compilation, autotuning, allocator
+def _once_ms(fn: Callable[[], object]) -> float:
     if GPU:
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_all(fns: dict[str, Callable[[], object]], reps: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Median milliseconds per method, the methods run round-robin so that drift hits all alike.
+
+    A method that fails (e.g. a baseline this torch cannot compile) is reported in the errors instead.
+    """
+    errors: dict[str, str] = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up: compilation, autotuning, allocator
+            if GPU:
+                torch.cuda.synchronize()
+            live[name] = fn
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
+            errors[name] = f"{type(e).__name__}: {e}"[:200]
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(reps):
+        for name, fn in live.items():
+            times[name].append(_once_ms(fn))
+    return {name: statistics.median(t) for name, t in times.items()}, errors
 
 
 def make_batch(B: int, p_spec: str, tasks: str, dtype: torch.dtype, gen: torch.Generator) -> dict:
@@ -71,12 +84,13 @@ def make_batch(B: int, p_spec: str, tasks: str, dtype: torch.dtype, gen: torch.G
     else:
         plens = torch.full((S,), int(p_spec))
     P = int(plens.max())
-    qkv = torch.randn(B, N, 3, H, D, generator=gen).to(DEVICE, dtype).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+    qkv = torch.randn(B, N, 3, H, D, generator=gen).to(DEVICE, dtype)  # (B, N, 3, H, D)
+    qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
     bank = torch.randn(2, 2, S, H, P, D, generator=gen).to(DEVICE, dtype)  # (kv, L, S, H, P, D)
     slot = torch.randperm(B, generator=gen).to(DEVICE) % S  # (B,)
     q, k, v = qkv.unbind(0)
-    return dict(q=q, k=k, v=v, seq_len=None, bank_k=bank[0, 1], bank_v=bank[1, 1], slot=slot,
-                prompt_len=plens.to(DEVICE), scale=D ** -0.5)
+    return {"q": q, "k": k, "v": v, "seq_len": None, "bank_k": bank[0, 1], "bank_v": bank[1, 1], "slot": slot,
+            "prompt_len": plens.to(DEVICE), "scale": D ** -0.5}
 
 
 def prompts_as_tokens(x: dict) -> Callable[[], torch.Tensor]:
@@ -90,7 +104,8 @@ def prompts_as_tokens(x: dict) -> Callable[[], torch.Tensor]:
     v = torch.cat([x["v"], pv], dim=2)
     mask = None
     if bool((plen != P).any()):
-        mask = (torch.arange(N + P, device=DEVICE)[None, :] < (N + plen)[:, None])[:, None, None, :]  # (B,1,1,N+P)
+        keep = torch.arange(N + P, device=DEVICE)[None, :] < (N + plen)[:, None]  # (B, N + P)
+        mask = keep[:, None, None, :]  # (B, 1, 1, N + P)
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=x["scale"])
 
 
@@ -106,7 +121,10 @@ def flex(x: dict) -> Callable[[], torch.Tensor]:
         P = x["bank_k"].shape[2]
         k = torch.cat([x["k"], x["bank_k"].index_select(0, slot)], dim=2)  # (B, H, N + P, D)
         v = torch.cat([x["v"], x["bank_v"].index_select(0, slot)], dim=2)
-        block_mask = create_block_mask(lambda b, h, qi, ki: ki < N + plen[b], B, None, N, N + P, device=DEVICE)
+        def valid_key(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+            return ki < N + plen[b]
+
+        block_mask = create_block_mask(valid_key, B, None, N, N + P, device=DEVICE)
         return compiled(x["q"], k, v, block_mask=block_mask, scale=x["scale"])
 
     return run
@@ -125,25 +143,24 @@ def bench_attention() -> None:
         mean_p = float(x["prompt_len"].index_select(0, x["slot"]).float().mean())
         flop = 4 * B * H * N * (N + mean_p) * D
         methods: dict[str, Callable[[], object]] = {
-            "sdpa_gather_cat": lambda: torch_attention(**x),
+            "sdpa_gather_cat": lambda x=x: torch_attention(**x),
             "prompts_as_tokens": prompts_as_tokens(x),
-            "sdpa_no_prompts": lambda: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], scale=x["scale"]),
+            "sdpa_no_prompts": lambda x=x: F.scaled_dot_product_attention(
+                x["q"], x["k"], x["v"], scale=x["scale"]),
         }
         if GPU:
             from kernels.triton_attention import triton_attention
 
-            methods = {"fused": lambda: triton_attention(**x, sort_by_task=tasks != "one"),
+            methods = {"fused": lambda x=x, s=tasks != "one": triton_attention(**x, sort_by_task=s),
                        "flex": flex(x), **methods}
         record: dict = {"case": "attention", "B": B, "H": H, "N": N, "D": D, "p": p_spec, "tasks": tasks,
-                        "mean_p": mean_p, "dtype": str(dtype).removeprefix("torch."), "useful_gflop": flop / 1e9}
-        for name, fn in methods.items():
-            try:
-                ms = time_ms(fn, reps)
-            except Exception as e:  # a baseline that cannot run here is reported, not fatal
-                record[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
-                continue
+                        "mean_p": mean_p, "dtype": str(dtype).removeprefix("torch."),
+                        "useful_gflop": round(flop / 1e9, 3)}
+        times, errors = time_all(methods, reps)
+        for name, ms in times.items():
             record[f"{name}_ms"] = round(ms, 4)
             record[f"{name}_tflops"] = round(flop / ms / 1e9, 3)
+        record.update({f"{name}_error": err for name, err in errors.items()})
         base = "fused" if GPU else "sdpa_gather_cat"  # ratios: time of each method / time of the base
         for name in methods:
             if name != base and f"{name}_ms" in record and f"{base}_ms" in record:
@@ -151,37 +168,49 @@ def bench_attention() -> None:
         emit(record)
 
 
+def _engine(bb: object, images: torch.Tensor, table: object, slot: torch.Tensor,
+            backend: str) -> Callable[[], object]:
+    from vpt.engine import forward_logits
+
+    def run() -> object:
+        set_backend(backend)
+        try:
+            return forward_logits(bb, images, table, slot)
+        finally:
+            set_backend("auto")
+
+    return run
+
+
 def bench_model() -> None:
     from vpt.backbone import load_backbone
-    from vpt.engine import forward_logits, stack_slots, task_slot_tensors
+    from vpt.engine import stack_slots, task_slot_tensors
     from vpt.task import TaskParams, TaskSpec
 
-    name, B, dtype, reps = (("vit_base_patch16_224", 256, torch.bfloat16, 10) if GPU
-                            else ("vit_small_patch16_224", 8, torch.float32, 3))
-    bb = load_backbone(name, pretrained=False, device=DEVICE, dtype=dtype)
+    model_name, B, dtype, reps = (("vit_base_patch16_224", 256, torch.bfloat16, 10) if GPU
+                                  else ("vit_small_patch16_224", 8, torch.float32, 3))
+    bb = load_backbone(model_name, pretrained=False, device=DEVICE, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     for p in (10, 50, 200):
-        tasks = []
-        for i in range(16):
-            spec = TaskSpec(method="vpt-deep", num_prompts=p, classes=tuple(f"c{j}" for j in range(10)))
-            tasks.append(task_slot_tensors(bb, TaskParams.new(spec, bb, generator=gen)))
-        table = stack_slots(bb, tasks)
-        slot = (torch.arange(B) % len(tasks)).to(DEVICE)  # (B,) all 16 tasks in every batch
-        images = torch.randn(B, 3, 224, 224, generator=gen).to(DEVICE, dtype)
-        record: dict = {"case": "model", "backbone": name, "batch": B, "p": p, "tasks": len(tasks),
-                        "dtype": str(dtype).removeprefix("torch.")}
-        runs = {"engine_torch": "torch", "engine_triton": "triton"} if GPU else {"engine_torch": "torch"}
+        spec = TaskSpec(method="vpt-deep", num_prompts=p, classes=tuple(f"c{j}" for j in range(10)))
+        table = stack_slots(bb, [task_slot_tensors(bb, TaskParams.new(spec, bb, generator=gen)) for _ in range(16)])
+        slot = (torch.arange(B) % 16).to(DEVICE)  # (B,) all 16 tasks in every batch
+        images = torch.randn(B, 3, 224, 224, generator=gen).to(DEVICE, dtype)  # (B, 3, 224, 224)
+        runs = {"timm_prompt_free": lambda images=images: bb.model.forward_features(images),
+                "engine_torch": _engine(bb, images, table, slot, "torch")}
+        if GPU:
+            runs["engine_triton"] = _engine(bb, images, table, slot, "triton")
         with torch.inference_mode():
-            record["timm_prompt_free_img_s"] = round(B / time_ms(lambda: bb.model.forward_features(images), reps)
-                                                     * 1e3, 1)
-            for key, backend in runs.items():
-                set_backend(backend)
-                try:
-                    ms = time_ms(lambda: forward_logits(bb, images, table, slot), reps)
-                finally:
-                    set_backend("auto")
-                record[f"{key}_img_s"] = round(B / ms * 1e3, 1)
-                record[f"{key}_vs_prompt_free"] = round(record[f"{key}_img_s"] / record["timm_prompt_free_img_s"], 3)
+            times, errors = time_all(runs, reps)
+        record: dict = {"case": "model", "backbone": model_name, "batch": B, "p": p, "tasks": 16,
+                        "dtype": str(dtype).removeprefix("torch.")}
+        record.update({f"{k}_error": err for k, err in errors.items()})
+        record.update({f"{k}_img_s": round(B / ms * 1e3, 1) for k, ms in times.items()})
+        if "timm_prompt_free" in times:
+            for k in sorted(times.keys() - {"timm_prompt_free"}):
+                record[f"{k}_speed_vs_prompt_free"] = round(times["timm_prompt_free"] / times[k], 3)
+        if "engine_triton" in times and "engine_torch" in times:
+            record["engine_triton_speed_vs_engine_torch"] = round(times["engine_torch"] / times["engine_triton"], 3)
         emit(record)
 
 

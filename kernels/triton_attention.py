@@ -262,11 +262,11 @@ def triton_attention(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *(bk.stride() if has_bank else (0, 0, 0, 0)), *(bv.stride() if has_bank else (0, 0, 0, 0)),
     ]
-    meta = dict(
-        HAS_SEQ=seq_len is not None, HAS_BANK=has_bank, HAS_PLEN=has_bank and prompt_len is not None,
-        HAS_ORDER=order is not None, RETURN_LSE=return_lse, EVEN_D=D == block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
-    )
+    meta = {
+        "HAS_SEQ": seq_len is not None, "HAS_BANK": has_bank, "HAS_PLEN": has_bank and prompt_len is not None,
+        "HAS_ORDER": order is not None, "RETURN_LSE": return_lse, "EVEN_D": D == block_d,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "BLOCK_D": block_d,
+    }
     p_max = bk.shape[2] if has_bank else 0
     qk_scale = float(scale) * 1.4426950408889634  # fold log2(e) in: the kernel works in base 2
     per_launch = max(1, _MAX_GRID_Y // H)
@@ -279,7 +279,9 @@ def triton_attention(
 
 def _launch(args: list, scalars: tuple, meta: dict, programs_bh: int, N: int, on_gpu: bool) -> None:
     if on_gpu and not interpreting():
-        grid = lambda m: (triton.cdiv(N, m["BLOCK_M"]), programs_bh)  # noqa: E731
+        def grid(m: dict) -> tuple[int, int]:
+            return triton.cdiv(N, m["BLOCK_M"]), programs_bh
+
         _autotuned[grid](*args, *scalars, **meta)
         return
     c = INTERPRETER_CONFIG
@@ -302,11 +304,11 @@ def compile_for_target(dtype: torch.dtype, head_dim: int, config: LaunchConfig, 
     from triton.backends.compiler import GPUTarget
 
     block_d = block_d_for(head_dim)
-    const: dict[str, object] = dict(
-        HAS_SEQ=True, HAS_BANK=True, HAS_PLEN=True, HAS_ORDER=True, RETURN_LSE=True,
-        EVEN_D=head_dim == block_d, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-    )
+    const: dict[str, object] = {
+        "HAS_SEQ": True, "HAS_BANK": True, "HAS_PLEN": True, "HAS_ORDER": True, "RETURN_LSE": True,
+        "EVEN_D": head_dim == block_d, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_D": block_d,
+    }
     signature: dict[str, str] = {}
     for name in _prompt_attention_fwd.arg_names:
         if name in _TENSOR_ARGS:

@@ -167,6 +167,7 @@ class TrainingWorker:
         beat = _Heartbeat(self, job, claim)
         beat.start()
         work = self.work_dir / job.tenant / job.job_id
+        shutil.rmtree(work, ignore_errors=True)  # what a dead worker left of an earlier delivery
         try:
             options = TrainOptions.from_dict(job.options)
             result = train_task_from_archive(

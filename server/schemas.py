@@ -67,6 +67,8 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     version: int | None = None
+    worker: str | None = None
+    cancel_requested: bool = False
 
 
 class JobList(BaseModel):
@@ -144,4 +146,4 @@ def job_out(job: JobRecord) -> JobOut:
     return JobOut(job_id=job.job_id, task_id=job.task_id, state=job.state, created_at=job.created_at,
                   updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
                   options=job.options, progress=job.progress, metrics=job.metrics, error=job.error,
-                  version=job.version)
+                  version=job.version, worker=job.worker, cancel_requested=job.cancel_requested)

@@ -22,8 +22,17 @@ from vpt.metrics import ClassificationReport
 from vpt.sweep import run_sweep
 from vpt.task import TaskParams, TaskSpec, save_task_file
 from vpt.train import (
-    LR_REFERENCE_BATCH, MOMENTUM, CancelFn, ProgressFn, TrainOptions, TrainOutcome, check_cancel, make_loader,
-    amp_enabled, predict, train_task,
+    LR_REFERENCE_BATCH,
+    MOMENTUM,
+    CancelFn,
+    ProgressFn,
+    TrainOptions,
+    TrainOutcome,
+    amp_enabled,
+    check_cancel,
+    make_loader,
+    predict,
+    train_task,
 )
 from vpt.transforms import eval_transform, train_transform
 

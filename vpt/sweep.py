@@ -22,7 +22,14 @@ from torch.utils.data import Dataset
 
 from vpt.backbone import Backbone
 from vpt.train import (
-    CancelFn, Progress, ProgressFn, TrainingDiverged, TrainOptions, TrainOptionsError, TrainOutcome, train_task,
+    CancelFn,
+    Progress,
+    ProgressFn,
+    TrainingDiverged,
+    TrainOptions,
+    TrainOptionsError,
+    TrainOutcome,
+    train_task,
 )
 
 log = logging.getLogger(__name__)

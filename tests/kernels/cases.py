@@ -47,8 +47,8 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0, device: torch.dev
         bank_k = bank_k.contiguous() if bank_k is not None else None
         bank_v = bank_v.contiguous() if bank_v is not None else None
     seq_len = torch.tensor(case.seq, device=device) if case.seq is not None else None
-    return dict(q=q, k=k, v=v, seq_len=seq_len, bank_k=bank_k, bank_v=bank_v, slot=slot,
-                prompt_len=prompt_len, scale=D ** -0.5)
+    return {"q": q, "k": k, "v": v, "seq_len": seq_len, "bank_k": bank_k, "bank_v": bank_v, "slot": slot,
+            "prompt_len": prompt_len, "scale": D ** -0.5}
 
 
 def reference(inputs: dict) -> tuple[Tensor, Tensor]:

@@ -1,13 +1,11 @@
 """The whole prompted engine with the Triton kernel in every block equals the torch path."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels import set_backend
-from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME, save_tiny_vit
 from tests.kernels.cases import DEVICE
 from vpt.backbone import Backbone, load_backbone
 from vpt.engine import forward_logits, stack_slots, task_slot_tensors, training_table
@@ -17,8 +15,10 @@ TASKS = [("vpt-deep", 5, 3), ("vpt-shallow", 3, 4), ("linear", 0, 2)]
 
 
 @pytest.fixture(scope="module")
-def backbone(tiny_vit_file: Path) -> Backbone:
-    return load_backbone(TINY_NAME, weights=tiny_vit_file, model_kwargs=TINY_KWARGS, device=DEVICE)
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
+    """The tiny ViT with random weights: equality of two attention paths needs no pretraining."""
+    path = save_tiny_vit(tmp_path_factory.mktemp("vit") / "random_tiny_vit.safetensors")
+    return load_backbone(TINY_NAME, weights=path, model_kwargs=TINY_KWARGS, device=DEVICE)
 
 
 @pytest.fixture

@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import AttentionInputError, attention, attention_reference, get_backend, resolve_backend, set_backend
+from kernels import (
+    AttentionInputError,
+    attention,
+    attention_reference,
+    get_backend,
+    resolve_backend,
+    set_backend,
+)
 from kernels.torch_attention import _key_mask, torch_attention
 from tests.kernels.cases import Case, make_inputs, max_err
 

@@ -70,7 +70,7 @@ def test_head_dims_padded_by_masked_loads(D: int, dtype: torch.dtype) -> None:
                          ids=str)
 def test_large_logits(case: Case, dtype: torch.dtype) -> None:
     inputs = make_inputs(case, dtype)
-    ref_out, ref_lse = reference(inputs)
+    _, ref_lse = reference(inputs)
     assert ref_lse.abs().max() > 50  # the online max really moves
     check_against_reference(inputs, dtype)
 
@@ -223,6 +223,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "REFUSED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout and "backend='torch'" in res.stdout

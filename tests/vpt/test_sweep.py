@@ -33,7 +33,7 @@ def data(tiny_backbone: Backbone) -> tuple[list, list]:
 
 
 def options(**kw) -> TrainOptions:
-    base = dict(method="vpt-deep", num_prompts=2, epochs=2, batch_size=8, augmentation="none")
+    base = {"method": "vpt-deep", "num_prompts": 2, "epochs": 2, "batch_size": 8, "augmentation": "none"}
     return TrainOptions(**{**base, **kw})
 
 

@@ -15,8 +15,16 @@ from vpt.backbone import Backbone
 from vpt.errors import VPTError
 from vpt.task import TaskParams, load_task_file, save_task_file
 from vpt.train import (
-    ProgressEvent, TrainingCancelled, TrainingDiverged, TrainOptions, TrainOptionsError, lr_multiplier,
-    make_loader, make_optimizer, predict, train_task,
+    ProgressEvent,
+    TrainingCancelled,
+    TrainingDiverged,
+    TrainOptions,
+    TrainOptionsError,
+    lr_multiplier,
+    make_loader,
+    make_optimizer,
+    predict,
+    train_task,
 )
 from vpt.transforms import eval_transform, train_transform
 
@@ -51,8 +59,8 @@ def sets(bb: Backbone, augment: str = "none") -> tuple[PilSet, PilSet]:
 
 
 def opts(**kw) -> TrainOptions:
-    base = dict(method="vpt-deep", num_prompts=4, epochs=3, batch_size=8, base_lr=2.0, weight_decay=1e-3,
-                augmentation="none")
+    base = {"method": "vpt-deep", "num_prompts": 4, "epochs": 3, "batch_size": 8, "base_lr": 2.0,
+            "weight_decay": 1e-3, "augmentation": "none"}
     return TrainOptions(**{**base, **kw})
 
 
