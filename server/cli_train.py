@@ -183,12 +183,11 @@ class _Bar:
         if event.runs > 1 and event.run != self.run:
             self.run = event.run
             self.bar.set_description(f"run {event.run}/{event.runs} lr {event.base_lr:g} wd {event.weight_decay:g}")
-        self.bar.n = (event.run - 1) * event.steps + event.step
         post = {"epoch": f"{event.epoch}/{event.epochs}", "loss": f"{event.loss:.4f}", "lr": f"{event.lr:.4g}"}
         if event.val_acc is not None:
             post["val_acc"] = f"{event.val_acc:.4f}"
         self.bar.set_postfix(post, refresh=False)
-        self.bar.refresh()
+        self.bar.update((event.run - 1) * event.steps + event.step - self.bar.n)  # redraws at tqdm's own pace
 
     def close(self) -> None:
         if self.bar is not None:

@@ -177,7 +177,7 @@ class TrainingWorker:
             beat.stop()
             blob = result.task_file
             version = self.store.put_task(job.tenant, job.task_id, blob, read_metadata(blob)).version
-            self._finish(job, "succeeded", version=version, metrics=result.metrics)
+            self._finish(job, "succeeded", version=version, metrics=result.metrics, progress=beat.last)
             log.info("job %s: task %s/%s version %d published", job.job_id, job.tenant, job.task_id, version)
         except TrainingCancelled:
             self._finish(job, "cancelled")
@@ -211,6 +211,7 @@ class _Heartbeat:
         self.w, self.job, self.claim = worker, job, claim
         self._cancel = False
         self._progress: dict[str, Any] | None = None
+        self.last: dict[str, Any] = dict(job.progress)   # the latest event, written with the final state
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.job_id}", daemon=True)
@@ -219,7 +220,10 @@ class _Heartbeat:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop and wait, so that no progress write can land after the job's final state."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def cancelled(self) -> bool:
         return self._cancel
@@ -228,6 +232,7 @@ class _Heartbeat:
         data = event.to_dict() if hasattr(event, "to_dict") else dict(event)
         with self._lock:
             self._progress = data
+            self.last = data
 
     def _run(self) -> None:
         last_beat = 0.0

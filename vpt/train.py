@@ -258,7 +258,6 @@ class TrainOutcome:
     steps: int
     seconds: float
     images_per_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def amp_enabled(options: TrainOptions, device: torch.device) -> bool:
@@ -275,7 +274,8 @@ def make_optimizer(params: TaskParams, options: TrainOptions) -> torch.optim.SGD
 
 
 def make_loader(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
-            options: TrainOptions, device: torch.device) -> DataLoader:
+                options: TrainOptions, device: torch.device) -> DataLoader:
+    """Batches in order, or shuffled by `generator`; the last batch may be smaller (as the official code)."""
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
                       num_workers=options.num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=options.num_workers > 0)
@@ -345,8 +345,8 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
         torch.manual_seed(options.seed)  # prompt dropout and augmentation draw from the global generator
         params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
         optimizer = make_optimizer(params, options)
-        loader = make_loader(train_set, options.batch_size, True, torch.Generator().manual_seed(options.seed + 1),
-                         options, dev)
+        shuffle = torch.Generator().manual_seed(options.seed + 1)
+        loader = make_loader(train_set, options.batch_size, True, shuffle, options, dev)
         val_loader = make_loader(val_set, options.batch_size, False, None, options, dev) if val_set else None
         return _run(backbone, params, optimizer, loader, val_loader, options, progress, should_cancel,
                     amp, warmup, total)

@@ -53,7 +53,7 @@ def test_base_file_is_valid_and_complete() -> None:
     assert set(services) == {"redis", "server", "worker", "proxy"}
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
-    assert redis["command"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]
+    assert redis["command"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "always"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert any(v.startswith("redis-data:/data") for v in redis["volumes"])
     for name, command in (("server", ["serve"]), ("worker", ["worker"])):
