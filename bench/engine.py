@@ -13,16 +13,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vpt.backbone import Backbone, load_backbone  # noqa: E402
-from vpt.engine import forward_features, stack_slots, task_slot_tensors  # noqa: E402
-from vpt.task import TaskParams, TaskSpec  # noqa: E402
+from vpt.backbone import Backbone, load_backbone
+from vpt.engine import forward_features, stack_slots, task_slot_tensors
+from vpt.task import TaskParams, TaskSpec
 
 
 def device_name(device: torch.device) -> str:
@@ -31,19 +31,22 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def timeit(fn: Callable[[], object], reps: int, device: torch.device) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin so that drifting background
+    load hits every contender alike; one warm-up call each first."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def official_forward(bb: Backbone, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -76,15 +79,18 @@ def run(args: argparse.Namespace) -> None:
         singles = [stack_slots(bb, [task_slot_tensors(bb, t)]) for t in tasks]
         zero = torch.zeros(1, dtype=torch.long, device=device)
 
-        def grouped() -> None:
+        def grouped(singles=singles, zero=zero) -> None:
             for b in range(B):
                 forward_features(bb, images[b:b + 1], singles[int(slot[b])], zero)
 
         with torch.inference_mode():
-            t_backbone = timeit(lambda: bb.model.forward_features(images), args.reps, device)
-            t_engine = timeit(lambda: forward_features(bb, images, table, slot), args.reps, device)
-            t_official = timeit(lambda: official_forward(bb, images, prompts), args.reps, device)
-            t_grouped = timeit(grouped, max(1, args.reps // 2), device)
+            t = interleaved({
+                "backbone": lambda: bb.model.forward_features(images),
+                "engine": lambda table=table: forward_features(bb, images, table, slot),
+                "official": lambda prompts=prompts: official_forward(bb, images, prompts),
+                "grouped": grouped,
+            }, args.reps, device)
+            t_backbone, t_engine, t_official, t_grouped = t["backbone"], t["engine"], t["official"], t["grouped"]
             same = torch.allclose(forward_features(bb, images, table, slot).float(),
                                   official_forward(bb, images, prompts).float(), atol=1e-3, rtol=1e-3)
         print(json.dumps({
@@ -103,7 +109,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--prompts", type=int, nargs="+", default=[10, 50, 200])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     run(ap.parse_args())

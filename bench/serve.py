@@ -31,9 +31,9 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vpt.backbone import load_backbone  # noqa: E402
-from vpt.engine import forward_logits, stack_slots, task_slot_tensors  # noqa: E402
-from vpt.task import TaskParams, TaskSpec, save_task_file  # noqa: E402
+from vpt.backbone import load_backbone
+from vpt.engine import forward_logits, stack_slots, task_slot_tensors
+from vpt.task import TaskParams, TaskSpec, save_task_file
 
 
 def png(seed: int, size: int) -> bytes:

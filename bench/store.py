@@ -122,7 +122,47 @@ def swap_columns(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 # Each function takes the context (store, url, options, blob, meta, args) and returns columns.
-COLUMNS: list[Callable[[dict[str, Any]], dict[str, Any]]] = [store_columns, swap_columns]
+_BACKBONE: list[Any] = []
+
+
+def bank_columns(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Bank cold load (store get + task file parse + deep K/V of all 12 blocks + slot write) and
+    warm acquire (resident task: pin + release), with a ViT-B/16 of random weights."""
+    import torch
+
+    from prompt_store.bank import PromptBank
+    from vpt.backbone import load_backbone
+    from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
+
+    if not _BACKBONE:
+        torch.manual_seed(0)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _BACKBONE.append(load_backbone("vit_base_patch16_224", pretrained=False, device=device,
+                                       dtype=torch.bfloat16 if device == "cuda" else torch.float32))
+    bb, store, n = _BACKBONE[0], ctx["store"], ctx["args"].bank_tasks
+    classes = tuple(f"class-{i}" for i in range(CLASSES))
+    for i in range(n):
+        blob = save_task_file(TaskParams.new(TaskSpec("vpt-deep", PROMPTS, classes), bb), bb)
+        store.put_task("bench", f"bank-{i}", blob, read_metadata(blob))
+    bank = PromptBank(bb, store, capacity_bytes=1 << 34, subscribe=False)
+    cold = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        bank.release(bank.acquire("bench", [f"bank-{i}"]))
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        cold.append(time.perf_counter() - t0)
+    warm = []
+    for r in range(ctx["args"].gets):
+        t0 = time.perf_counter()
+        bank.release(bank.acquire("bench", [f"bank-{r % n}"]))
+        warm.append(time.perf_counter() - t0)
+    cold_p50, _ = quantiles_ms(cold[1:] or cold)  # the first load also allocates the table
+    return {"cold_load_ms": cold_p50, "warm_acquire_us": round(statistics.median(warm) * 1e6, 1),
+            "bank_slot_bytes": bank.stats().resident_bytes // max(1, bank.stats().resident_tasks)}
+
+
+COLUMNS: list[Callable[[dict[str, Any]], dict[str, Any]]] = [store_columns, swap_columns, bank_columns]
 
 
 def device_name() -> str:
@@ -178,6 +218,7 @@ def main() -> None:
     ap.add_argument("--puts", type=int, default=100)
     ap.add_argument("--gets", type=int, default=300)
     ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--bank-tasks", type=int, default=8, help="ViT-B/16 deep p=50 tasks loaded into the bank")
     ap.add_argument("--root", type=Path, default=None, help="directory for the local store (default: a temp dir)")
     ap.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     args = ap.parse_args()

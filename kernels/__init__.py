@@ -6,6 +6,13 @@ from kernels.errors import AttentionInputError, BackendUnavailable, KernelError
 from kernels.reference import attention_reference
 
 __all__ = [
-    "attention", "attention_reference", "check_inputs", "get_backend", "resolve_backend", "set_backend",
-    "AttentionInputError", "BackendUnavailable", "KernelError",
+    "AttentionInputError",
+    "BackendUnavailable",
+    "KernelError",
+    "attention",
+    "attention_reference",
+    "check_inputs",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
 ]

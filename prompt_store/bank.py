@@ -21,7 +21,7 @@ from prompt_store.base import Store
 from prompt_store.errors import StoreError
 from prompt_store.records import ChangeEvent
 from vpt.backbone import Backbone
-from vpt.engine import PromptTable, SlotTensors, task_slot_tensors, write_slot
+from vpt.engine import PromptTable, SlotTensors, allocate_table, task_slot_tensors, write_slot
 from vpt.errors import TaskFileError
 from vpt.task import TaskSpec, load_task_file
 
@@ -268,19 +268,7 @@ class PromptBank:
         return entry
 
     def _allocate(self, slots: int, P: int, Ps: int, C: int) -> PromptTable:
-        bb = self.backbone
-        dev, dt = bb.device, bb.dtype
-        L, H, hd, d = bb.depth, bb.num_heads, bb.head_dim, bb.embed_dim
-        return PromptTable(
-            deep_k=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
-            deep_v=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
-            deep_len=torch.zeros(slots, dtype=torch.long, device=dev),
-            shallow=torch.zeros(slots, Ps, d, device=dev, dtype=dt) if Ps else None,
-            shallow_len=torch.zeros(slots, dtype=torch.long, device=dev),
-            head_w=torch.zeros(slots, C, d, device=dev, dtype=dt),
-            head_b=torch.zeros(slots, C, device=dev, dtype=dt),
-            num_classes=torch.zeros(slots, dtype=torch.long, device=dev),
-        )
+        return allocate_table(self.backbone, slots, P, Ps, C)
 
     def _grow(self, P: int, Ps: int, C: int, per: int) -> None:
         """A new table with room for one more entry; live entries are compacted into it.

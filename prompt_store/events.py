@@ -123,7 +123,7 @@ class FileEventLog:
     in-process already. A line still being written (no newline yet) waits for the next poll.
     """
 
-    def __init__(self, path: Path, hub: EventHub, poll_interval: float = 0.2) -> None:
+    def __init__(self, path: Path, hub: EventHub, poll_interval: float = 0.05) -> None:
         self.path = Path(path)
         self.poll_interval = poll_interval
         self._hub = hub

@@ -127,7 +127,7 @@ def _id_entries(directory: Path, suffix: str = "") -> list[str]:
 class LocalStore(Store):
     """The directory-tree store. Safe across threads and across processes on one host."""
 
-    def __init__(self, root: str | Path, poll_interval: float = 0.2, lock_timeout: float = 30.0,
+    def __init__(self, root: str | Path, poll_interval: float = 0.05, lock_timeout: float = 30.0,
                  fsync: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
         self.paths = LocalPaths(self.root)

@@ -209,4 +209,4 @@ class Batcher:
             self._resolve(req, Outcome(task.key.version, results, queue_ms, forward_ms, images.shape[0]))
 
 
-__all__ = ["Batcher", "Outcome", "TopK", "ApiError"]
+__all__ = ["ApiError", "Batcher", "Outcome", "TopK"]

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 log = logging.getLogger("vpt-serve")
 
 
-def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings, imported lazily
+def _settings(args: argparse.Namespace):
     from server.settings import Settings
 
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))

@@ -11,8 +11,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kernels.errors import KernelError
 from prompt_store.bank import BankFull, TaskUnservable
-from prompt_store.errors import (InvalidId, JobNotFound, RecordCorrupt, StoreConflict, StoreError,
-                                 StoreUnavailable, TaskNotFound, VersionNotFound)
+from prompt_store.errors import (
+    InvalidId,
+    JobNotFound,
+    RecordCorrupt,
+    StoreConflict,
+    StoreError,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionNotFound,
+)
 from vpt.data.errors import DatasetError
 from vpt.errors import TaskFileError, TaskSpecError, VPTError
 

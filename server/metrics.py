@@ -1,8 +1,13 @@
 """Prometheus metrics, one registry per app."""
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -27,7 +32,7 @@ class Metrics:
     def describe(self) -> list:
         return []
 
-    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+    def collect(self):
         if self._bank is not None:
             st = self._bank.stats()
             for name, value, help_ in (("hits", st.hits, "Bank hits"), ("misses", st.misses, "Bank misses"),
@@ -40,8 +45,8 @@ class Metrics:
             try:
                 for state, n in self._jobs().items():
                     fam.add_metric([state], n)
-            except Exception:  # a store outage must not break the scrape
-                pass
+            except Exception as e:  # a store outage must not break the scrape
+                log.debug("job counts unavailable for /metrics: %s", e)
             yield fam
 
     def render(self) -> bytes:

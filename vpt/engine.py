@@ -95,24 +95,29 @@ def task_slot_tensors(backbone: Backbone, params: TaskParams) -> SlotTensors:
     return SlotTensors(deep_k=deep_k, deep_v=deep_v, shallow=shallow, head_w=head_w, head_b=head_b)
 
 
-def stack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
-    """A PromptTable holding `slots` in order, padded to the widest prompt and class counts."""
+def allocate_table(backbone: Backbone, slots: int, P: int, Ps: int, C: int) -> PromptTable:
+    """An all-zero table of `slots` slots for up to P deep prompts, Ps shallow prompts, C classes."""
     dev, dt = backbone.device, backbone.dtype
     L, H, hd, d = backbone.depth, backbone.num_heads, backbone.head_dim, backbone.embed_dim
+    return PromptTable(
+        deep_k=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
+        deep_v=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
+        deep_len=torch.zeros(slots, dtype=torch.long, device=dev),
+        shallow=torch.zeros(slots, Ps, d, device=dev, dtype=dt) if Ps else None,
+        shallow_len=torch.zeros(slots, dtype=torch.long, device=dev),
+        head_w=torch.zeros(slots, C, d, device=dev, dtype=dt),
+        head_b=torch.zeros(slots, C, device=dev, dtype=dt),
+        num_classes=torch.zeros(slots, dtype=torch.long, device=dev),
+    )
+
+
+def stack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
+    """A PromptTable holding `slots` in order, padded to the widest prompt and class counts."""
     S = len(slots)
     P = max((s.deep_k.shape[2] for s in slots if s.deep_k is not None), default=0)
     Ps = max((s.shallow.shape[0] for s in slots if s.shallow is not None), default=0)
     C = max(s.head_w.shape[0] for s in slots)
-    table = PromptTable(
-        deep_k=torch.zeros(L, S, H, P, hd, device=dev, dtype=dt) if P else None,
-        deep_v=torch.zeros(L, S, H, P, hd, device=dev, dtype=dt) if P else None,
-        deep_len=torch.zeros(S, dtype=torch.long, device=dev),
-        shallow=torch.zeros(S, Ps, d, device=dev, dtype=dt) if Ps else None,
-        shallow_len=torch.zeros(S, dtype=torch.long, device=dev),
-        head_w=torch.zeros(S, C, d, device=dev, dtype=dt),
-        head_b=torch.zeros(S, C, device=dev, dtype=dt),
-        num_classes=torch.zeros(S, dtype=torch.long, device=dev),
-    )
+    table = allocate_table(backbone, S, P, Ps, C)
     for i, s in enumerate(slots):
         write_slot(table, i, s)
     return table

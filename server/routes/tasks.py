@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from prompt_store.ids import validate_id
 from server.deps import State, Tenant
 from server.errors import ApiError
-from server.schemas import ErrorOut, TaskList, TaskOut, VersionList, version_out, task_out
+from server.schemas import ErrorOut, TaskList, TaskOut, VersionList, task_out, version_out
 from vpt.errors import TaskFileError
 from vpt.task import load_task_file, read_metadata
 
@@ -71,7 +71,7 @@ async def import_task(task_id: str, request: Request, state: State, tenant: Tena
     return task_out(info)
 
 
-def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):  # noqa: ANN202
+def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):
     state.store.put_task(tenant, task_id, blob, meta)
     return state.store.get_info(tenant, task_id)
 

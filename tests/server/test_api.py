@@ -132,8 +132,8 @@ def test_bad_imports_are_refused_and_nothing_is_stored(api: httpx.Client, bb, ti
     for blob, code in [(b"garbage" * 10, "task_file_invalid"), (good[:-100], "task_file_invalid")]:
         r = api.put("/tasks/guarded/import", content=blob)
         assert r.status_code == 422 and error_code(r) == code
-    from vpt.backbone import load_backbone
     from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+    from vpt.backbone import load_backbone
 
     other = load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS)
     foreign = save_task_file(TaskParams.new(TaskSpec("vpt-deep", 2, ("a", "b")), other), other)

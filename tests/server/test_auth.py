@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from server.auth import AuthConfigError, KeyRing, hash_key, load_keyring, parse_keys
-from tests.server.helpers import backbone_for, constant_task, png
 from tests.fixtures.digits import make_digits_zip
+from tests.server.helpers import backbone_for, constant_task, png
 
 KEY_A, KEY_B = "alpha-secret-key", "bravo-secret-key"
 

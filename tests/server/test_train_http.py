@@ -8,7 +8,7 @@ import zipfile
 import httpx
 import pytest
 
-from tests.fixtures.digits import digit_png, make_digits_zip, write_zip
+from tests.fixtures.digits import digit_png, make_digits_zip
 
 
 def wait_done(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:

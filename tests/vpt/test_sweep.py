@@ -1,8 +1,6 @@
 """The lr x weight-decay sweep: presets, choice of the winner, bookkeeping, failures."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,12 +14,7 @@ from vpt.transforms import eval_transform
 CLASSES = ("0", "1", "2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,13 +30,7 @@ from vpt.transforms import eval_transform, train_transform
 CLASSES = ("0", "1", "2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread avoids oversubscribing two shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PilSet(Dataset):
