@@ -44,8 +44,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: refusing to bind {settings.host} without API keys: set VPT_API_KEYS (or "
               "VPT_API_KEYS_FILE), bind 127.0.0.1, or set VPT_ALLOW_UNAUTHENTICATED=1", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    from prompt_store.errors import StoreError
+    from server.state import AppState
+    from vpt.errors import VPTError
+
+    try:  # load before serving, so a missing backbone or store is one clear line, not a traceback
+        state = AppState.start(settings)
+    except (VPTError, StoreError) as e:
+        print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
+        if "Hub" in str(e) or "hub" in str(e):
+            print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
+                  "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
+        return 2
+    try:
+        uvicorn.run(create_app(settings, state=state), host=settings.host, port=settings.port,
+                    log_level=settings.log_level, timeout_graceful_shutdown=10)
+    finally:
+        state.close()
     return 0
 
 
