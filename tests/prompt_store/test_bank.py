@@ -164,3 +164,34 @@ def test_delete_event_retires_entries(store: LocalStore, tiny_backbone: Backbone
         time.sleep(0.01)
     assert bank.resident() == []
     bank.close()
+
+
+def test_a_publish_reaches_another_replicas_bank_quickly(redis_fresh_url: str, tiny_backbone: Backbone) -> None:
+    """Two store clients stand for two replicas; the reader's bank serves each new version soon after."""
+    from prompt_store.redis_store import RedisStore
+
+    writer, reader = RedisStore(redis_fresh_url), RedisStore(redis_fresh_url)
+    bank = PromptBank(tiny_backbone, reader, 10_000_000, version_ttl_s=3600)  # only events can refresh it
+    blobs = [task_blob(tiny_backbone, p=2, classes=2, seed=i) for i in range(2)]
+    writer.put_task(TENANT, "hot", blobs[0], read_metadata(blobs[0]))
+    bank.release(bank.acquire(TENANT, ["hot"]))
+    delays = []
+    for i in range(200):
+        blob = blobs[i % 2]
+        t0 = time.perf_counter()
+        version = writer.put_task(TENANT, "hot", blob, read_metadata(blob)).version
+        while True:
+            lease = bank.acquire(TENANT, ["hot"])
+            served = lease.tasks[0].key.version
+            bank.release(lease)
+            if served == version:
+                break
+            assert time.perf_counter() - t0 < 5, f"version {version} never reached the bank"
+        delays.append(time.perf_counter() - t0)
+    delays.sort()
+    p99 = delays[int(0.99 * len(delays)) - 1]
+    assert p99 < 0.100, f"p99 publish -> other replica's bank: {p99 * 1000:.1f} ms"
+    assert len(bank.resident()) <= 2  # old versions were retired as the new ones came in
+    bank.close()
+    writer.close()
+    reader.close()
