@@ -78,8 +78,12 @@ def start_server(args: argparse.Namespace, weights: Path, store: Path, port: int
     raise SystemExit("server did not become ready")
 
 
+forward_per_img: list[float] = []
+
+
 def load(url: str, names: list[str], images: list[bytes], clients: int, seconds: float) -> tuple[list[float], int, int]:
     latencies: list[float] = []
+    forward_per_img.clear()
     errors = [0]
     done_images = [0]
     lock = threading.Lock()
@@ -96,6 +100,8 @@ def load(url: str, names: list[str], images: list[bytes], clients: int, seconds:
                 with lock:
                     if r.status_code == 200:
                         latencies.append(dt)
+                        t = r.json()["timings_ms"]
+                        forward_per_img.append(t["forward"] / t["batch_images"])
                         done_images[0] += 1
                     else:
                         errors[0] += 1
@@ -128,6 +134,18 @@ def swap_visible_ms(url: str, bb, name: str) -> float:
             body = c.post("/predict", params={"task": name}, content=img, headers={"content-type": "image/png"}).json()
             if body["version"] == new_version:
                 return (time.perf_counter() - t0) * 1000
+
+
+def batch_stats(url: str) -> dict[str, float]:
+    """Mean images per forward, from the server's own Prometheus histogram."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("vpt_batch_images_sum ", "vpt_batch_images_count ")):
+            name, value = line.split()
+            values[name] = float(value)
+    count = values.get("vpt_batch_images_count", 0.0)
+    return {"batches": int(count), "mean_batch": round(values.get("vpt_batch_images_sum", 0.0) / count, 2) if count else 0}
 
 
 def main() -> None:
@@ -163,15 +181,22 @@ def main() -> None:
             latencies, errors, _ = load(url, names, images, args.clients, args.seconds)
             server = len(latencies) / args.seconds
             swap = swap_visible_ms(url, bb, names[0])
-        finally:
+            batches = batch_stats(url)
             proc.terminate()
             proc.wait(30)
+            engine = (engine + engine_img_s(bb, tasks, args.batch, reps=3)) / 2  # before and after: drift hits both
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
     print(json.dumps({
         "model": args.model, "clients": args.clients, "tasks": args.tasks, "batch": args.batch,
         "server_img_s": round(server, 2), "engine_img_s": round(engine, 2),
         "server_vs_engine": round(server / engine, 3), "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
         "p95_ms": round(percentile(latencies, 95), 1), "p99_ms": round(percentile(latencies, 99), 1),
-        "swap_visible_ms": round(swap, 1), "errors": errors,
+        "swap_visible_ms": round(swap, 1), "errors": errors, **batches,
+        "server_forward_ms_per_img": round(statistics.median(forward_per_img), 1) if forward_per_img else None,
+        "engine_ms_per_img": round(1000 / engine, 1),
         "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
     }))
 

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kernels.errors import KernelError
 from prompt_store.bank import BankFull, TaskUnservable
@@ -116,6 +117,12 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
         return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers), rid(request))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.info("client left before sending the whole body: %s %s", request.method, request.url.path)
+        return error_response(ApiError(400, "bad_request", "the client closed the connection mid-request"),
+                              rid(request))
 
     async def _translated(request: Request, exc: Exception) -> JSONResponse:
         return error_response(translate(exc), rid(request))

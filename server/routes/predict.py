@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from fastapi import APIRouter, Query, Request
@@ -13,6 +14,8 @@ from server.errors import ApiError
 from server.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut
 
 router = APIRouter(tags=["predict"])
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # text that is not Unicode (e.g. an undecodable label) cannot be JSON
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -42,13 +45,20 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
         if not items:
             raise ApiError(400, "bad_request", "send one or more multipart 'image' files")
         return items
-    if ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
-        data = await request.body()
-        if len(data) > s.max_image_bytes:
-            raise ApiError(413, "payload_too_large", f"the image exceeds {s.max_image_bytes} bytes")
-        return [(data, None)]
+    if ctype.startswith(("image/", "application/octet-stream")):
+        return [(await _read_raw(request, s.max_image_bytes), None)]
     raise ApiError(415, "unsupported_media_type",
                    "send multipart/form-data with 'image' files, or a raw image body (image/*)")
+
+
+async def _read_raw(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (the rest is never read)."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, "payload_too_large", f"the image exceeds {limit} bytes")
+    return bytes(data)
 
 
 @router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,
@@ -70,8 +80,8 @@ async def predict(request: Request, state: State, tenant: Tenant, task: str = Qu
     except TimeoutError as e:
         raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
     state.metrics.predictions.labels(tenant, task).inc(len(items))
-    results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=t.label, index=t.index, score=t.score)
-                                                          for t in top])
+    results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=_SURROGATE.sub("\ufffd", t.label),
+                                                                  index=t.index, score=t.score) for t in top])
                for i, ((_, name), top) in enumerate(zip(items, outcome.results))]
     total = (time.perf_counter() - t0) * 1000
     return PredictionOut(task_id=task, version=outcome.version, results=results, timings_ms={

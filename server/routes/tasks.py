@@ -1,6 +1,9 @@
 """Tasks: list, inspect, delete, versions, activate (rollback), export and import task files."""
 from __future__ import annotations
 
+import json
+import logging
+
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -11,7 +14,17 @@ from server.schemas import ErrorOut, TaskList, TaskOut, VersionList, task_out, v
 from vpt.errors import TaskFileError
 from vpt.task import load_task_file, read_metadata
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
+
+MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not even fit in a file name
+
+
+def _version(task_id: str, version: int | None) -> int | None:
+    """`version` unless it is a number no task can have (404, like any missing version)."""
+    if version is not None and version > MAX_VERSION:
+        raise ApiError(404, "version_not_found", f"task {task_id!r} has no version {str(version)[:24]}...")
+    return version
 
 
 @router.get("/tasks", response_model=TaskList)
@@ -40,7 +53,7 @@ def list_versions(task_id: str, state: State, tenant: Tenant) -> VersionList:
 @router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut)
 def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOut:
     """Make version `n` current (rollback or forward); every replica serves it from its next batch."""
-    _, blob = state.store.get_task(tenant, validate_id(task_id), version)
+    _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
     _check_servable(blob, state)
     state.store.activate(tenant, task_id, version)
     return task_out(state.store.get_info(tenant, task_id))
@@ -49,7 +62,7 @@ def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOu
 @router.get("/tasks/{task_id}/export", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "the task file"}})
 def export(task_id: str, state: State, tenant: Tenant, version: int | None = Query(None, ge=1)) -> Response:
-    record, blob = state.store.get_task(tenant, validate_id(task_id), version)
+    record, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
     name = f"{task_id}-v{record.version}.safetensors"
     return Response(blob, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{name}"',
@@ -77,9 +90,22 @@ def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, s
 
 
 def _check_servable(blob: bytes, state: State) -> dict[str, str]:
-    """The file's metadata if this backbone can serve it; 422 with the reason otherwise."""
+    """The file's metadata if this backbone can serve it and the API can show it; 422 otherwise."""
     try:
         load_task_file(blob, state.backbone)
-        return read_metadata(blob)
+        meta = read_metadata(blob)
     except TaskFileError as e:
         raise ApiError(422, e.code, e.message) from e
+    except Exception as e:  # untrusted bytes: whatever else the parsers meet is the file's fault too
+        log.warning("task file refused: %r", e)
+        raise ApiError(422, "task_file_invalid", f"the task file cannot be read: {type(e).__name__}") from e
+    try:
+        for shown in (meta, json.loads(meta["classes"]), json.loads(meta.get("metrics", "null"))):
+            json.dumps(shown, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(422, "task_file_invalid", "task file metadata holds text that is not valid Unicode") from e
+    except RecursionError as e:
+        raise ApiError(422, "task_file_invalid", "task file metadata 'metrics' is nested too deeply") from e
+    except ValueError:
+        pass  # malformed metrics are shown as null
+    return meta
