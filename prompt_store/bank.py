@@ -40,6 +40,12 @@ class BankFull(BankError):
     code = "bank_full"
 
 
+class TaskTooLarge(BankError):
+    """One task alone needs more bytes than the whole bank holds: retrying cannot help."""
+
+    code = "task_too_large"
+
+
 class TaskUnservable(BankError):
     """The stored task file cannot be served by this backbone (corrupt, or another backbone's)."""
 
@@ -244,7 +250,8 @@ class PromptBank:
         C = max(self._dims[2], tensors.head_w.shape[0])
         per = _slot_bytes(self.backbone, P, Ps, C)
         if per > self.capacity_bytes:
-            raise BankFull(f"task {key.task_id!r} needs {per} bytes, more than the bank's {self.capacity_bytes}")
+            raise TaskTooLarge(f"task {key.task_id!r} needs a {per}-byte slot, more than the whole bank "
+                               f"({self.capacity_bytes} bytes, VPT_BANK_BYTES)")
         old = self._entries.pop(key, None)  # a stale duplicate of the same key
         if old is not None:
             self._entries[key] = old  # keep it accounted until it can go

@@ -30,12 +30,15 @@ def validate_id(value: str, kind: str = "task id") -> str:
     return value
 
 
+MAX_VERSION = 2**63 - 1
+
+
 def validate_version(version: int) -> int:
     """Versions are positive ints; anything else names no version."""
     if isinstance(version, bool) or not isinstance(version, int):
         raise TypeError(f"version must be an int, got {type(version).__name__}")
-    if version < 1:
-        raise VersionNotFound(f"version {version} does not exist (versions start at 1)")
+    if version < 1 or version > MAX_VERSION:
+        raise VersionNotFound(f"version {version} does not exist (versions are 1..{MAX_VERSION})")
     return version
 
 

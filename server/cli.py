@@ -76,7 +76,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     backbone = build_backbone(settings)
     store = open_store(settings.store)
     queue = open_queue(store)
-    limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels)
+    limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
+                          max_classes=settings.max_task_classes)
     worker = TrainingWorker(store, queue, backbone, work_dir=settings.uploads_dir.resolve().parent / "work",
                             limits=limits, heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s,
                             name=args.name)

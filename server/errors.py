@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from kernels.errors import KernelError
-from prompt_store.bank import BankFull, TaskUnservable
+from prompt_store.bank import BankFull, TaskTooLarge, TaskUnservable
 from prompt_store.errors import (
     InvalidId,
     JobNotFound,
@@ -49,7 +49,8 @@ def translate(exc: Exception) -> ApiError:
     if isinstance(exc, DatasetError):
         return ApiError(400, exc.code, exc.message, details=exc.entries or None)
     if isinstance(exc, InvalidId):
-        return ApiError(400, "invalid_task_id", str(exc))
+        code = "invalid_job_id" if "job id" in str(exc) else "invalid_task_id"
+        return ApiError(400, code, str(exc))
     if isinstance(exc, TaskNotFound):
         return ApiError(404, "task_not_found", str(exc))
     if isinstance(exc, VersionNotFound):
@@ -58,6 +59,8 @@ def translate(exc: Exception) -> ApiError:
         return ApiError(404, "job_not_found", str(exc))
     if isinstance(exc, StoreConflict):
         return ApiError(409, "conflict", str(exc))
+    if isinstance(exc, TaskTooLarge):
+        return ApiError(422, "task_too_large", str(exc))
     if isinstance(exc, BankFull):
         return busy(f"every prompt bank slot is in use: {exc}")
     if isinstance(exc, TaskUnservable):

@@ -64,6 +64,15 @@ class JobService:
         finally:
             self.queue.release_task_lock(tenant, task_id, guard)
 
+    def cancel_active(self, tenant: str, task_id: str) -> None:
+        """Cancel the task's queued or running jobs (a running one stops before it publishes)."""
+        for job in self.store.list_jobs(tenant, task_id):
+            if job.state in ACTIVE:
+                try:
+                    request_cancel(self.store, tenant, job.job_id)
+                except StoreConflict:  # it finished meanwhile
+                    pass
+
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
         try:
             return request_cancel(self.store, tenant, job_id)
@@ -175,6 +184,8 @@ class TrainingWorker:
                 on_progress=beat.progress, should_cancel=beat.cancelled,
                 extra={"job_id": job.job_id, "task_id": job.task_id})
             beat.stop()
+            if self.store.get_job(job.tenant, job.job_id).cancel_requested:  # e.g. the task was deleted
+                raise TrainingCancelled("cancelled before publishing")
             blob = result.task_file
             version = self.store.put_task(job.tenant, job.task_id, blob, read_metadata(blob)).version
             self._finish(job, "succeeded", version=version, metrics=result.metrics, progress=beat.last)

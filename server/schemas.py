@@ -111,13 +111,28 @@ class BackboneOut(BaseModel):
     dtype: str
 
 
+def _text(value: Any) -> Any:
+    """Stored text as JSON-safe text: lone surrogates (undecodable names) become U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogate(value) else value
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_text(v) for v in value]
+    return value
+
+
+def _has_surrogate(s: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in s)
+
+
 def _json_field(meta: dict[str, str], key: str, default: Any) -> Any:
     raw = meta.get(key)
     if raw is None:
         return default
     try:
-        return json.loads(raw)
-    except (TypeError, ValueError):
+        return _text(json.loads(raw))
+    except (TypeError, ValueError, RecursionError):
         return default
 
 
@@ -145,5 +160,6 @@ def task_out(info: TaskInfo) -> TaskOut:
 def job_out(job: JobRecord) -> JobOut:
     return JobOut(job_id=job.job_id, task_id=job.task_id, state=job.state, created_at=job.created_at,
                   updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
-                  options=job.options, progress=job.progress, metrics=job.metrics, error=job.error,
+                  options=_text(job.options), progress=_text(job.progress), metrics=_text(job.metrics),
+                  error=_text(job.error),
                   version=job.version, worker=job.worker, cancel_requested=job.cancel_requested)

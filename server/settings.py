@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_task_file_bytes: int = Field(256 << 20, ge=1024)  # an imported task file
     max_top_k: int = 100
+    max_task_classes: int = Field(10_000, ge=2)           # a task's classes (heads are padded to the widest)
+    max_task_prompts: int = Field(200, ge=1, le=1024)     # prompts per block (the paper searches up to 200)
+    max_train_workers: int = Field(4, ge=0)               # DataLoader processes a training request may ask for
 
     # auth and network
     api_keys: str | None = None               # "tenant:key,tenant2:sha256:<hex>"

@@ -86,7 +86,8 @@ class AppState:
 
     def start_workers(self, n: int, work_dir: Path) -> None:
         limits = IngestLimits(max_archive_bytes=self.settings.max_upload_bytes,
-                              max_image_pixels=self.settings.max_image_pixels)
+                              max_image_pixels=self.settings.max_image_pixels,
+                              max_classes=self.settings.max_task_classes)
         for _ in range(n):
             w = TrainingWorker(self.store, self.queue, self.backbone, work_dir=work_dir, limits=limits,
                                heartbeat_s=self.settings.job_heartbeat_s, stale_s=self.settings.job_stale_s)

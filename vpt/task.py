@@ -20,6 +20,7 @@ METHODS = ("linear", "vpt-shallow", "vpt-deep")
 FORMAT = "vpt-task/1"
 MAX_PROMPTS = 1024
 MAX_CLASSES = 100_000
+_FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HEAD_BIAS_INIT = -math.log(0.99 / 0.01)  # -4.59512, the official head's bias init
 
 
@@ -140,8 +141,8 @@ def _spec_from_metadata(meta: dict[str, str]) -> TaskSpec:
         method = meta["method"]
     except KeyError as e:
         raise TaskFileError(f"task file metadata lacks {e.args[0]!r}") from e
-    except (ValueError, json.JSONDecodeError) as e:
-        raise TaskFileError(f"task file metadata is malformed: {e}") from e
+    except (ValueError, json.JSONDecodeError, RecursionError) as e:
+        raise TaskFileError(f"task file metadata is malformed: {type(e).__name__}") from e
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise TaskFileError("task file metadata 'classes' must be a JSON list of strings")
     try:
@@ -156,9 +157,9 @@ def _check_tensor(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...])
     t = tensors[name]
     if tuple(t.shape) != shape:
         raise TaskFileError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-    if not t.dtype.is_floating_point:
-        raise TaskFileError(f"tensor {name!r} has dtype {t.dtype}, expected a float type")
-    if not torch.isfinite(t).all():
+    if t.dtype not in _FILE_DTYPES:
+        raise TaskFileError(f"tensor {name!r} has dtype {t.dtype}, expected float32 (or float16/bfloat16/float64)")
+    if not torch.isfinite(t.float()).all():
         raise TaskFileError(f"tensor {name!r} holds NaN or infinite values")
     return t.float()
 

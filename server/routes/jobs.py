@@ -43,7 +43,7 @@ TRAIN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
     }}}}}}
 
 
-def parse_options(fields: dict[str, str]) -> TrainOptions:
+def parse_options(fields: dict[str, str], max_prompts: int = 1024, max_workers: int = 64) -> TrainOptions:
     """Form fields -> validated TrainOptions; unknown or malformed fields are 400 `invalid_parameter`."""
     opts: dict[str, Any] = {}
     for raw_name, value in fields.items():
@@ -60,6 +60,12 @@ def parse_options(fields: dict[str, str]) -> TrainOptions:
                 raise ApiError(400, "invalid_parameter", f"unknown training option {raw_name!r}")
         except ValueError as e:
             raise ApiError(400, "invalid_parameter", f"option {raw_name!r}: {value[:40]!r} is not a number") from e
+    if opts.get("num_prompts", 0) > max_prompts:
+        raise ApiError(400, "invalid_parameter", f"num_prompts must be at most {max_prompts} on this server",
+                       details={"field": "num_prompts"})
+    if opts.get("num_workers", 0) > max_workers:
+        raise ApiError(400, "invalid_parameter", f"num_workers must be at most {max_workers} on this server",
+                       details={"field": "num_workers"})
     try:
         return TrainOptions(**opts)
     except TrainOptionsError as e:
@@ -93,7 +99,7 @@ async def train(task_id: str, request: Request, state: State, tenant: Tenant) ->
         if not isinstance(dataset, UploadFile):
             raise ApiError(400, "bad_request", "the multipart field 'dataset' must be a file")
         fields = {k: v for k, v in form.multi_items() if k != "dataset" and isinstance(v, str)}
-        options = parse_options(fields)
+        options = parse_options(fields, state.settings.max_task_prompts, state.settings.max_train_workers)
         tmp = await run_in_threadpool(_spool, dataset, state.jobs.uploads_dir / "incoming")
         suffix = _suffix(dataset.filename)
     try:

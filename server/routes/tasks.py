@@ -39,7 +39,10 @@ def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
 
 @router.delete("/tasks/{task_id}", status_code=204)
 def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
-    state.store.delete_task(tenant, validate_id(task_id))
+    """Delete every version; a queued or running training job of the task is cancelled first."""
+    state.store.get_info(tenant, validate_id(task_id))  # 404 for an unknown task, before touching jobs
+    state.jobs.cancel_active(tenant, task_id)
+    state.store.delete_task(tenant, task_id)
     return Response(status_code=204)
 
 
@@ -92,13 +95,18 @@ def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, s
 def _check_servable(blob: bytes, state: State) -> dict[str, str]:
     """The file's metadata if this backbone can serve it and the API can show it; 422 otherwise."""
     try:
-        load_task_file(blob, state.backbone)
+        spec = load_task_file(blob, state.backbone).spec
         meta = read_metadata(blob)
     except TaskFileError as e:
         raise ApiError(422, e.code, e.message) from e
     except Exception as e:  # untrusted bytes: whatever else the parsers meet is the file's fault too
         log.warning("task file refused: %r", e)
         raise ApiError(422, "task_file_invalid", f"the task file cannot be read: {type(e).__name__}") from e
+    s = state.settings
+    if spec.num_classes > s.max_task_classes or spec.num_prompts > s.max_task_prompts:
+        raise ApiError(422, "task_too_large",
+                       f"the task has {spec.num_classes} classes and {spec.num_prompts} prompts; this server "
+                       f"serves at most {s.max_task_classes} classes and {s.max_task_prompts} prompts")
     try:
         for shown in (meta, json.loads(meta["classes"]), json.loads(meta.get("metrics", "null"))):
             json.dumps(shown, ensure_ascii=False).encode("utf-8")

@@ -316,8 +316,6 @@ def _tar_dataset(folders: list[str]) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="server/schemas.py builds responses from stored text without replacing "
-                   "lone surrogates: the JSON encoder fails (500) on every listing that shows them")
 def test_undecodable_names_in_datasets_never_break_listings(start_server) -> None:
     """A manifest label or a member name that is not valid Unicode must not make listings fail."""
     srv = start_server()
