@@ -44,7 +44,7 @@ def test_replicas_workers_and_a_killed_worker(start_server, private_redis, tmp_p
     # a training job claimed by a worker that is then killed is recovered by the other worker
     archive = make_digits_zip(tmp_path / "d.zip", classes=range(4), per_class=10).read_bytes()
     r = ca.post("/tasks/digits/train", files={"dataset": ("d.zip", archive)},
-                data={"method": "vpt-deep", "num_prompts": "4", "epochs": "12", "batch_size": "8",
+                data={"method": "vpt-deep", "num_prompts": "4", "epochs": "300", "batch_size": "8",
                       "augmentation": "none", "base_lr": "10", "weight_decay": "0"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
