@@ -140,3 +140,32 @@ def test_bad_training_requests(api: httpx.Client, data: dict, files: bool, statu
     assert r.status_code == 415
     r = api.post("/tasks/bad..id!/train", files={"dataset": ("d.zip", b"x")})
     assert r.status_code in (400, 404)
+
+
+
+def test_deleting_a_task_cancels_its_training(api: httpx.Client, tmp_path, tiny_vit_file) -> None:
+    from tests.server.helpers import backbone_for, constant_task
+
+    bb = backbone_for(str(tiny_vit_file))
+    assert api.put("/tasks/doomed/import", content=constant_task(bb, ["0", "1", "2"], winner=0)).status_code == 201
+    archive = make_digits_zip(tmp_path / "d.zip", classes=range(3), per_class=6)
+    r = api.post("/tasks/doomed/train", files={"dataset": ("d.zip", archive.read_bytes())},
+                 data={"epochs": "1000", "batch_size": "4", "method": "vpt-deep", "num_prompts": "2"})
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 120
+    while api.get(f"/jobs/{job_id}").json()["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api.delete("/tasks/doomed").status_code == 204
+    assert wait_done(api, job_id)["state"] == "cancelled"
+    assert api.get("/tasks/doomed").status_code == 404  # the cancelled job published nothing
+
+
+def test_oversized_task_files_are_refused(api: httpx.Client, tiny_vit_file) -> None:
+    from tests.server.helpers import backbone_for, constant_task
+
+    bb = backbone_for(str(tiny_vit_file))
+    r = api.put("/tasks/huge/import", content=constant_task(bb, ["a", "b"], winner=0, p=201))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "task_too_large"
+    r = api.post("/tasks/huge/train", files={"dataset": ("d.zip", b"PK")}, data={"num_prompts": "201"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter"
+    assert api.get("/tasks/huge").status_code == 404
