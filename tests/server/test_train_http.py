@@ -59,7 +59,7 @@ def test_train_digits_over_http_then_predict_held_out(api: httpx.Client, digits_
         for res in r.json()["results"]:
             correct += res["top_k"][0]["label"] == str(label)
             total += 1
-    assert correct / total > 0.3, f"{correct}/{total}"
+    assert correct / total > 0.5, f"{correct}/{total}"  # "mostly right": 30/40 when measured (chance: 4/40)
     print(f"held-out accuracy over HTTP: {correct}/{total}")
 
 
