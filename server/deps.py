@@ -30,7 +30,7 @@ def _presented_key(request: Request) -> str | None:
     return key.strip() if key else None
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     if not host:
         return False
     try:
@@ -43,7 +43,7 @@ def get_tenant(request: Request, state: State) -> str:
     """The tenant of the presented API key; `default` when keys are off (loopback callers only)."""
     if not state.keyring.enabled:
         client = request.client.host if request.client else None
-        if not state.settings.allow_unauthenticated and not _is_loopback(client):
+        if not state.settings.allow_unauthenticated and not is_loopback(client):
             raise ApiError(403, "forbidden", "this server has no API keys and only answers loopback callers")
         return DEFAULT_TENANT
     key = _presented_key(request)

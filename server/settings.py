@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     api_keys: str | None = None               # "tenant:key,tenant2:sha256:<hex>"
     api_keys_file: Path | None = None
     allow_unauthenticated: bool = False       # bind beyond loopback without keys
+    metrics_token: str | None = None          # bearer token for /metrics; without it, /metrics answers loopback only
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"

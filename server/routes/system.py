@@ -1,11 +1,14 @@
 """Backbone facts, health, readiness and Prometheus metrics."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import hmac
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from prompt_store.errors import StoreError
-from server.deps import State, Tenant
+from server.deps import State, Tenant, is_loopback
+from server.errors import ApiError
 from server.schemas import BackboneOut
 
 router = APIRouter(tags=["system"])
@@ -39,5 +42,13 @@ def readyz(state: State) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(state: State) -> Response:
+def metrics(request: Request, state: State) -> Response:
+    """Prometheus text. Labels name tenants and tasks, so it answers loopback callers, or callers
+    presenting `VPT_METRICS_TOKEN` as a bearer token."""
+    token = state.settings.metrics_token
+    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    allowed = (token is not None and hmac.compare_digest(presented.encode(), token.encode())) or (
+        token is None and is_loopback(request.client.host if request.client else None))
+    if not allowed:
+        raise ApiError(403, "forbidden", "/metrics needs VPT_METRICS_TOKEN as a bearer token (or a loopback caller)")
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

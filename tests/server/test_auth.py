@@ -91,3 +91,11 @@ def test_unauthenticated_server_refuses_a_public_bind(tmp_path, tiny_vit_env) ->
     proc.start(wait=False)
     assert proc.proc.wait(60) == 2
     assert "refusing to bind" in proc.log()
+
+
+def test_metrics_needs_its_token_when_one_is_set(start_server) -> None:
+    proc = start_server(env={"VPT_WORKERS": "0", "VPT_METRICS_TOKEN": "scrape-token-123"})
+    assert httpx.get(proc.base_url + "/metrics").status_code == 403
+    assert httpx.get(proc.base_url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    r = httpx.get(proc.base_url + "/metrics", headers={"Authorization": "Bearer scrape-token-123"})
+    assert r.status_code == 200 and "vpt_http_requests_total" in r.text
