@@ -5,7 +5,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 from pydantic import ValidationError
 
@@ -67,25 +66,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """A training worker on the shared store's durable queue (distributed mode)."""
     from prompt_store.factory import open_queue, open_store
-    from server.jobs import TrainingWorker
-    from server.state import build_backbone
-    from vpt.data.limits import IngestLimits
+    from server.state import build_backbone, build_worker
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     backbone = build_backbone(settings)
     store = open_store(settings.store)
     queue = open_queue(store)
-    limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
-                          max_classes=settings.max_task_classes)
-    worker = TrainingWorker(store, queue, backbone, work_dir=settings.uploads_dir.resolve().parent / "work",
-                            limits=limits, heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s,
-                            name=args.name)
-    stop = threading.Event()
-
+    worker = build_worker(settings, store, queue, backbone, name=args.name)
     def _stop(*_: object) -> None:
         worker.stop()
-        stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -73,9 +73,7 @@ def translate(exc: Exception) -> ApiError:
         return ApiError(500, "internal_error", "a stored record is corrupt")
     if isinstance(exc, TaskFileError):
         return ApiError(422, exc.code, exc.message)
-    if isinstance(exc, (TaskSpecError, VPTError)) and getattr(exc, "code", None) == "invalid_parameter":
-        return ApiError(400, "invalid_parameter", str(exc))
-    if isinstance(exc, TaskSpecError):
+    if isinstance(exc, TaskSpecError) or getattr(exc, "code", None) == "invalid_parameter":
         return ApiError(400, "invalid_parameter", str(exc))
     if isinstance(exc, StoreError):
         log.error("store error: %s", exc)

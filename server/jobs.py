@@ -19,6 +19,7 @@ from typing import Any
 
 from prompt_store.base import Store
 from prompt_store.errors import JobFinished, StoreConflict, StoreError
+from prompt_store.ids import new_job_id
 from prompt_store.queue import Claim, JobQueue, request_cancel
 from prompt_store.records import TERMINAL_STATES, JobRecord
 from server.errors import ApiError
@@ -43,8 +44,8 @@ class JobService:
 
     def submit(self, tenant: str, task_id: str, upload: Path, suffix: str, options: TrainOptions) -> JobRecord:
         """Queue a training job for `task_id`; 409 while another is queued or running for it."""
-        job = JobRecord.new(tenant, task_id, options=options.to_dict())
-        guard = f"submit-{job.job_id}"
+        job_id = new_job_id()
+        guard = f"submit-{job_id}"
         if not self.queue.try_lock_task(tenant, task_id, guard, ttl_s=30):
             raise ApiError(409, "training_in_progress", f"a training job for task {task_id!r} is being submitted")
         try:
@@ -53,12 +54,12 @@ class JobService:
                 raise ApiError(409, "training_in_progress",
                                f"task {task_id!r} already has a {active[0].state} job {active[0].job_id}",
                                details={"job_id": active[0].job_id})
-            dest = self.uploads_dir / tenant / job.job_id
+            dest = self.uploads_dir / tenant / job_id
             dest.mkdir(parents=True, exist_ok=True)
             archive = dest / f"dataset{suffix}"
             shutil.move(str(upload), archive)
             job = self.store.create_job(JobRecord.new(tenant, task_id, options=options.to_dict(),
-                                                      dataset_path=str(archive), job_id=job.job_id))
+                                                      dataset_path=str(archive), job_id=job_id))
             self.queue.enqueue(tenant, job.job_id)
             return job
         finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -111,19 +112,18 @@ class BackboneOut(BaseModel):
     dtype: str
 
 
-def _text(value: Any) -> Any:
-    """Stored text as JSON-safe text: lone surrogates (undecodable names) become U+FFFD."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def safe_text(value: Any) -> Any:
+    """Stored text as JSON-safe text: lone surrogates (undecodable names) become U+FFFD, in nested values too."""
     if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogate(value) else value
+        return _SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
+        return {safe_text(k): safe_text(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_text(v) for v in value]
+        return [safe_text(v) for v in value]
     return value
-
-
-def _has_surrogate(s: str) -> bool:
-    return any("\ud800" <= ch <= "\udfff" for ch in s)
 
 
 def _json_field(meta: dict[str, str], key: str, default: Any) -> Any:
@@ -131,7 +131,7 @@ def _json_field(meta: dict[str, str], key: str, default: Any) -> Any:
     if raw is None:
         return default
     try:
-        return _text(json.loads(raw))
+        return safe_text(json.loads(raw))
     except (TypeError, ValueError, RecursionError):
         return default
 
@@ -160,6 +160,6 @@ def task_out(info: TaskInfo) -> TaskOut:
 def job_out(job: JobRecord) -> JobOut:
     return JobOut(job_id=job.job_id, task_id=job.task_id, state=job.state, created_at=job.created_at,
                   updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
-                  options=_text(job.options), progress=_text(job.progress), metrics=_text(job.metrics),
-                  error=_text(job.error),
+                  options=safe_text(job.options), progress=safe_text(job.progress),
+                  metrics=safe_text(job.metrics), error=safe_text(job.error),
                   version=job.version, worker=job.worker, cancel_requested=job.cancel_requested)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -41,6 +40,16 @@ def build_backbone(settings: Settings) -> Backbone:
     return load_backbone(settings.backbone, weights=settings.backbone_weights,
                          pretrained=settings.backbone_pretrained, model_kwargs=settings.backbone_kwargs,
                          device=device, dtype=dtype)
+
+
+def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Backbone,
+                 name: str | None = None) -> TrainingWorker:
+    """A training worker with the settings' limits (in-process or `vpt-serve worker`)."""
+    limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
+                          max_classes=settings.max_task_classes)
+    return TrainingWorker(store, queue, backbone, work_dir=settings.uploads_dir.resolve().parent / "work",
+                          limits=limits, heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s,
+                          name=name)
 
 
 @dataclass
@@ -81,16 +90,12 @@ class AppState:
                 n = fail_interrupted(store)
                 if n:
                     log.warning("%d job(s) interrupted by the last shutdown were marked failed", n)
-            state.start_workers(settings.training_workers, uploads.parent / "work")
+            state.start_workers(settings.training_workers)
         return state
 
-    def start_workers(self, n: int, work_dir: Path) -> None:
-        limits = IngestLimits(max_archive_bytes=self.settings.max_upload_bytes,
-                              max_image_pixels=self.settings.max_image_pixels,
-                              max_classes=self.settings.max_task_classes)
+    def start_workers(self, n: int) -> None:
         for _ in range(n):
-            w = TrainingWorker(self.store, self.queue, self.backbone, work_dir=work_dir, limits=limits,
-                               heartbeat_s=self.settings.job_heartbeat_s, stale_s=self.settings.job_stale_s)
+            w = build_worker(self.settings, self.store, self.queue, self.backbone)
             t = threading.Thread(target=w.run_forever, name=f"trainer-{w.name}", daemon=True)
             t.start()
             self.workers.append(w)

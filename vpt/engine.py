@@ -177,23 +177,13 @@ def training_table(backbone: Backbone, params: TaskParams, batch_size: int, drop
             shallow = prompts[:, 0]                                              # (S, p, d)
             shallow_len.fill_(p)
     C = params.spec.num_classes
-    table = PromptTable(
+    table = PromptTable(  # one head for every slot: expanded views, no copies
         deep_k=deep_k, deep_v=deep_v, deep_len=deep_len, shallow=shallow, shallow_len=shallow_len,
-        head_w=params.head.weight.to(dev, dt)[None], head_b=params.head.bias.to(dev, dt)[None],
-        num_classes=torch.full((1,), C, dtype=torch.long, device=dev),
+        head_w=params.head.weight.to(dev, dt)[None].expand(S, -1, -1),                  # (S, C, d)
+        head_b=params.head.bias.to(dev, dt)[None].expand(S, -1),                        # (S, C)
+        num_classes=torch.full((S,), C, dtype=torch.long, device=dev),
     )
-    if per_sample:  # heads are shared: keep one head slot, index it with zeros
-        table = _with_head_slot0(table)
     return table, slot
-
-
-def _with_head_slot0(table: PromptTable) -> PromptTable:
-    S = table.deep_len.shape[0]
-    return PromptTable(
-        deep_k=table.deep_k, deep_v=table.deep_v, deep_len=table.deep_len, shallow=table.shallow,
-        shallow_len=table.shallow_len, head_w=table.head_w.expand(S, -1, -1), head_b=table.head_b.expand(S, -1),
-        num_classes=table.num_classes.expand(S),
-    )
 
 
 def _block_forward(blk: Block, x: Tensor, seq_len: Tensor | None, bank_k: Tensor | None, bank_v: Tensor | None,

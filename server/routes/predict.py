@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 from fastapi import APIRouter, Query, Request
@@ -11,11 +10,9 @@ from starlette.datastructures import UploadFile
 from prompt_store.ids import validate_id
 from server.deps import State, Tenant
 from server.errors import ApiError
-from server.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut
+from server.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 
 router = APIRouter(tags=["predict"])
-
-_SURROGATE = re.compile("[\ud800-\udfff]")  # text that is not Unicode (e.g. an undecodable label) cannot be JSON
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -80,7 +77,7 @@ async def predict(request: Request, state: State, tenant: Tenant, task: str = Qu
     except TimeoutError as e:
         raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
     state.metrics.predictions.labels(tenant, task).inc(len(items))
-    results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=_SURROGATE.sub("\ufffd", t.label),
+    results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=safe_text(t.label),
                                                                   index=t.index, score=t.score) for t in top])
                for i, ((_, name), top) in enumerate(zip(items, outcome.results))]
     total = (time.perf_counter() - t0) * 1000

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 
+import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -38,3 +41,29 @@ def png(seed: int = 0, size: int = 32) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def finished(job: dict) -> bool:
+    return job["state"] in TERMINAL
+
+
+def running(job: dict) -> bool:
+    """Running and past its first training step."""
+    return job["state"] == "running" and job["progress"].get("step", 0) > 0
+
+
+def wait_job(c: httpx.Client, job_id: str, until: Callable[[dict], bool] = finished, timeout: float = 300) -> dict:
+    """Poll `GET /jobs/{job_id}` until `until(job)`; the job as last seen."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        r = c.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: condition not met within {timeout}s: {job}")

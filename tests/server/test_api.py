@@ -93,7 +93,8 @@ def test_concurrent_mixed_predictions_get_their_own_labels(api: httpx.Client, bb
 @pytest.mark.parametrize("case", ["corrupt", "empty", "text", "wrong_type", "no_image_field", "bad_topk",
                                   "invalid_id", "unknown_task", "missing_task_param", "too_many"])
 def test_bad_predict_requests_are_4xx_with_a_code(api: httpx.Client, bb, case: str) -> None:
-    put_task(api, "target", constant_task(bb, ["x", "y"], winner=0)) if case == "corrupt" else None
+    if case == "corrupt":
+        put_task(api, "target", constant_task(bb, ["x", "y"], winner=0))
     params = {"task": "target"}
     kw: dict = {"content": png(0), "headers": {"content-type": "image/png"}}
     expected = {"corrupt": (400, "image_invalid"), "empty": (400, "image_invalid"), "text": (400, "image_invalid"),

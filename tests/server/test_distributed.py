@@ -6,17 +6,7 @@ import time
 import httpx
 
 from tests.fixtures.digits import make_digits_zip
-from tests.server.helpers import backbone_for, constant_task, png
-
-
-def wait_job(c: httpx.Client, job_id: str, pred, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()
-        if pred(job):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id}: condition not met: {job}")
+from tests.server.helpers import backbone_for, constant_task, png, running, wait_job
 
 
 def test_replicas_workers_and_a_killed_worker(start_server, private_redis, tmp_path, tiny_vit_file) -> None:
@@ -48,11 +38,11 @@ def test_replicas_workers_and_a_killed_worker(start_server, private_redis, tmp_p
                       "augmentation": "none", "base_lr": "10", "weight_decay": "0"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    running = wait_job(cb, job_id, lambda j: j["state"] == "running" and j["progress"].get("step", 0) > 0)
-    victim = next(w for w in workers if f"-{w.proc.pid}-" in running["worker"])
+    job_running = wait_job(cb, job_id, running)
+    victim = next(w for w in workers if f"-{w.proc.pid}-" in job_running["worker"])
     survivor = next(w for w in workers if w is not victim)
     victim.kill()
-    done = wait_job(ca, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"))
+    done = wait_job(ca, job_id)
     assert done["state"] == "succeeded", (done["error"], done["worker"])
     assert f"-{survivor.proc.pid}-" in done["worker"]
     versions = cb.get("/tasks/digits/versions").json()["versions"]

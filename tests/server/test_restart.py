@@ -1,22 +1,11 @@
 """A restart keeps tasks and job history; queued jobs survive; interrupted ones are failed, not lost."""
 from __future__ import annotations
 
-import time
 
 import httpx
 
 from tests.fixtures.digits import make_digits_zip
-from tests.server.helpers import backbone_for, constant_task, png
-
-
-def wait_state(c: httpx.Client, job_id: str, states: set[str], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} never reached {states}: {job}")
+from tests.server.helpers import backbone_for, constant_task, png, running, wait_job
 
 
 def test_restart_keeps_tasks_jobs_and_queue(start_server, tmp_path, tiny_vit_file) -> None:
@@ -29,7 +18,7 @@ def test_restart_keeps_tasks_jobs_and_queue(start_server, tmp_path, tiny_vit_fil
         r = c.post("/tasks/long/train", files={"dataset": ("d.zip", archive)},
                    data={"epochs": "500", "method": "vpt-deep", "num_prompts": "2", "batch_size": "4"})
         long_id = r.json()["job_id"]
-        wait_state(c, long_id, {"running"})
+        wait_job(c, long_id, running)
         # queued behind it (one worker)
         r = c.post("/tasks/later/train", files={"dataset": ("d.zip", archive)},
                    data={"epochs": "1", "method": "linear", "batch_size": "8"})
@@ -44,7 +33,7 @@ def test_restart_keeps_tasks_jobs_and_queue(start_server, tmp_path, tiny_vit_fil
         assert r.json()["results"][0]["top_k"][0]["label"] == "b"
         long_job = c.get(f"/jobs/{long_id}").json()
         assert long_job["state"] == "failed" and long_job["error"]["code"] == "interrupted"
-        done = wait_state(c, queued_id, {"succeeded", "failed"})
+        done = wait_job(c, queued_id)
         assert done["state"] == "succeeded", done
         assert c.get("/tasks/later").json()["current_version"] == done["version"] == 1
         assert {j["job_id"] for j in c.get("/jobs").json()["jobs"]} == {long_id, queued_id}

@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from tests.fixtures.digits import digit_png
 from tests.fixtures.live_server import ServerProcess
-from tests.server.helpers import backbone_for, constant_task, png
+from tests.server.helpers import backbone_for, constant_task, png, wait_job
 
 MAX_IMAGE_BYTES = 64 * 1024
 MAX_TASK_FILE_BYTES = 1 << 20
@@ -68,17 +68,6 @@ def put_task(api: httpx.Client, task: str, blob: bytes) -> dict:
 
 def predict_raw(api: httpx.Client, task: str, data: bytes, ctype: str = "image/png") -> httpx.Response:
     return api.post("/predict", params={"task": task}, content=data, headers={"content-type": ctype})
-
-
-def wait_job(api: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = api.get(f"/jobs/{job_id}")
-        assert r.status_code == 200, r.text
-        if r.json()["state"] in ("succeeded", "failed", "cancelled"):
-            return r.json()
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 # -- multipart and content types --------------------------------------------------------------------

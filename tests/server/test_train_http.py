@@ -2,23 +2,13 @@
 from __future__ import annotations
 
 import io
-import time
 import zipfile
 
 import httpx
 import pytest
 
 from tests.fixtures.digits import digit_png, make_digits_zip
-
-
-def wait_done(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+from tests.server.helpers import running, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,7 @@ def test_train_digits_over_http_then_predict_held_out(api: httpx.Client, digits_
             if line.startswith("event: "):
                 events.append(line.removeprefix("event: "))
     assert events[-1] == "end" and events.count("progress") >= 2
-    done = wait_done(api, job["job_id"])
+    done = wait_job(api, job["job_id"])
     assert done["state"] == "succeeded", done
     assert done["version"] == 1 and done["metrics"]["val_accuracy"] > 0.3
     assert done["progress"]["epoch"] == 15
@@ -68,12 +58,10 @@ def test_cancel_a_running_job(api: httpx.Client, tmp_path) -> None:
     r = api.post("/tasks/cancelme/train", files={"dataset": ("d.zip", archive.read_bytes())},
                  data={"epochs": "1000", "batch_size": "4", "method": "vpt-shallow", "num_prompts": "2"})
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 120
-    while api.get(f"/jobs/{job_id}").json()["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_job(api, job_id, running)
     r = api.post(f"/jobs/{job_id}/cancel")
     assert r.status_code == 200
-    done = wait_done(api, job_id)
+    done = wait_job(api, job_id)
     assert done["state"] == "cancelled"
     assert api.get("/tasks/cancelme").status_code == 404  # nothing published
     r = api.post(f"/jobs/{job_id}/cancel")
@@ -120,7 +108,7 @@ def test_bad_archives_fail_the_job_with_their_code(api: httpx.Client, code: str)
     r = api.post(f"/tasks/bad-{code.removeprefix('dataset_').replace('_', '-')}/train",
                  files={"dataset": ("d.zip", BAD_ARCHIVES[code]())}, data={"epochs": "1"})
     assert r.status_code == 202, r.text
-    done = wait_done(api, r.json()["job_id"])
+    done = wait_job(api, r.json()["job_id"])
     assert done["state"] == "failed" and done["error"]["code"] == code, done
     assert api.get("/healthz").status_code == 200
 
@@ -152,11 +140,9 @@ def test_deleting_a_task_cancels_its_training(api: httpx.Client, tmp_path, tiny_
     r = api.post("/tasks/doomed/train", files={"dataset": ("d.zip", archive.read_bytes())},
                  data={"epochs": "1000", "batch_size": "4", "method": "vpt-deep", "num_prompts": "2"})
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 120
-    while api.get(f"/jobs/{job_id}").json()["state"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_job(api, job_id, running)
     assert api.delete("/tasks/doomed").status_code == 204
-    assert wait_done(api, job_id)["state"] == "cancelled"
+    assert wait_job(api, job_id)["state"] == "cancelled"
     assert api.get("/tasks/doomed").status_code == 404  # the cancelled job published nothing
 
 
