@@ -106,7 +106,7 @@ def swap_columns(ctx: dict[str, Any]) -> dict[str, Any]:
     latencies = []
     rng = random.Random(0)
     for _ in range(ctx["args"].swaps):
-        time.sleep(rng.uniform(0.0, 0.25))  # de-phase puts from the local store's 0.2 s poll
+        time.sleep(rng.uniform(0.0, 0.05))  # de-phase puts from the local store's 0.05 s poll
         t0 = time.monotonic()
         version = store.put_task("bench", "swap", ctx["blob"], ctx["meta"]).version
         while True:

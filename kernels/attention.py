@@ -123,5 +123,5 @@ def attention(
             from kernels.triton_attention import triton_attention
         except ImportError as e:
             raise BackendUnavailable(f"the Triton attention kernel is unavailable: {e}") from e
-        return triton_attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, scale, check=check)
+        return triton_attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, scale, check=False)  # checked above
     return torch_attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, scale)

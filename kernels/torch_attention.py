@@ -40,14 +40,10 @@ def torch_attention(
     """Attention of each sample's queries over [own keys ; its task's prompt keys]."""
     B, H, N, D = q.shape
     plen = None
-    if bank_k is not None and bank_k.shape[2] > 0:
+    if bank_k is not None and bank_k.shape[2] > 0:  # callers trim the bank to the batch's longest prompt
         plen = prompt_len.index_select(0, slot) if prompt_len is not None else None  # (B,)
-        p_eff = int(plen.max()) if plen is not None else bank_k.shape[2]
-        if p_eff > 0:
-            pk = bank_k[:, :, :p_eff].index_select(0, slot)  # (B, H, p, D)
-            pv = bank_v[:, :, :p_eff].index_select(0, slot)  # (B, H, p, D)
-            k = torch.cat([k, pk], dim=2)  # (B, H, N + p, D)
-            v = torch.cat([v, pv], dim=2)  # (B, H, N + p, D)
+        k = torch.cat([k, bank_k.index_select(0, slot)], dim=2)  # (B, H, N + P, D)
+        v = torch.cat([v, bank_v.index_select(0, slot)], dim=2)  # (B, H, N + P, D)
     p = k.shape[2] - N
     mask = _key_mask(N, p, seq_len, plen, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, N, D)

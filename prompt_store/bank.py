@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from prompt_store.base import Store
-from prompt_store.errors import StoreError
+from prompt_store.errors import BankFull, StoreError, TaskTooLarge, TaskUnservable
 from prompt_store.records import ChangeEvent
 from vpt.backbone import Backbone
 from vpt.engine import PromptTable, SlotTensors, allocate_table, task_slot_tensors, write_slot
@@ -26,32 +26,6 @@ from vpt.errors import TaskFileError
 from vpt.task import TaskSpec, load_task_file
 
 log = logging.getLogger(__name__)
-
-
-class BankError(StoreError):
-    """Root of the bank's errors."""
-
-    code = "bank_error"
-
-
-class BankFull(BankError):
-    """Every slot is pinned by in-flight batches (or one task alone exceeds the capacity)."""
-
-    code = "bank_full"
-
-
-class TaskTooLarge(BankError):
-    """One task alone needs more bytes than the whole bank holds: retrying cannot help."""
-
-    code = "task_too_large"
-
-
-class TaskUnservable(BankError):
-    """The stored task file cannot be served by this backbone (corrupt, or another backbone's)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -82,7 +56,7 @@ class ResolvedTask:
 
 @dataclass
 class Lease:
-    """Slots pinned for one batch; `table` is the table those slots live in. Release exactly once."""
+    """Slots pinned for one batch; `table` is the table those slots live in. Release it (twice is harmless)."""
 
     table: PromptTable
     tasks: list[ResolvedTask | None]
@@ -126,51 +100,46 @@ class PromptBank:
         self._current: dict[tuple[str, str], tuple[int, float]] = {}   # (tenant, task) -> (version, seen at)
         self._free: list[int] = []
         self._dims = (0, 0, 1)                                        # P, Ps, C of the table
-        self._orphans: list[_Entry] = []                              # replaced while pinned: slot freed on release
-        self._table = self._allocate(0, *self._dims)
+        self._table = allocate_table(backbone, 0, *self._dims)
         self.hits = self.misses = self.evictions = 0
         self._subscription = store.subscribe(self.on_change) if subscribe else None
 
     # -- public -----------------------------------------------------------------------------------------
 
     def acquire(self, tenant: str, task_ids: list[str]) -> Lease:
-        """Pin the current version of each task (loading it on a miss); one lease for the batch."""
-        return self.acquire_many([(tenant, t) for t in task_ids])
-
-    def acquire_many(self, requests: list[tuple[str, str]]) -> Lease:
-        """Pin the current version of each (tenant, task_id); a task may appear several times."""
-        with self._lock:
-            entries: list[_Entry] = []
-            try:
-                for tenant, task_id in requests:
-                    entry = self._get_or_load(tenant, task_id)
-                    entry.pins += 1
-                    entries.append(entry)
-            except BaseException:
-                for e in entries:
-                    self._unpin(e)
-                raise
-            tasks = [ResolvedTask(e.key, e.slot, e.spec.classes) for e in entries]
-            return Lease(table=self._table, tasks=tasks, _entries=entries)
+        """Pin the current version of each task (loading it on a miss); all or nothing."""
+        lease, errors = self.acquire_each([(tenant, t) for t in task_ids])
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            self.release(lease)
+            raise error
+        return lease
 
     def acquire_each(self, requests: list[tuple[str, str]]) -> tuple[Lease, list[Exception | None]]:
         """Pin what can be pinned; a request that fails (missing task, bad file) fails alone.
 
-        `lease.tasks[i]` is None where `errors[i]` is set.
+        `lease.tasks[i]` is None where `errors[i]` is set. Anything other than a store error
+        (a bug, out of memory) unpins what this call pinned and propagates.
         """
         with self._lock:
             entries: list[_Entry | None] = []
             errors: list[Exception | None] = []
-            for tenant, task_id in requests:
-                try:
-                    entry = self._get_or_load(tenant, task_id)
-                except StoreError as e:
-                    entries.append(None)
-                    errors.append(e)
-                    continue
-                entry.pins += 1
-                entries.append(entry)
-                errors.append(None)
+            try:
+                for tenant, task_id in requests:
+                    try:
+                        entry = self._get_or_load(tenant, task_id)
+                    except StoreError as e:
+                        entries.append(None)
+                        errors.append(e)
+                        continue
+                    entry.pins += 1
+                    entries.append(entry)
+                    errors.append(None)
+            except BaseException:
+                for e in entries:
+                    if e is not None:
+                        self._unpin(e)
+                raise
             tasks = [ResolvedTask(e.key, e.slot, e.spec.classes) if e is not None else None for e in entries]
             pinned = [e for e in entries if e is not None]
             return Lease(table=self._table, tasks=tasks, _entries=pinned), errors
@@ -231,7 +200,8 @@ class PromptBank:
     def _get_or_load(self, tenant: str, task_id: str) -> _Entry:
         key = TaskKey(tenant, task_id, self._current_version(tenant, task_id))
         entry = self._entries.get(key)
-        if entry is not None and not entry.stale:
+        if entry is not None:  # a key names immutable content: a stale entry made current again is reused
+            entry.stale = False
             self.hits += 1
             self._entries.move_to_end(key)
             return entry
@@ -252,9 +222,6 @@ class PromptBank:
         if per > self.capacity_bytes:
             raise TaskTooLarge(f"task {key.task_id!r} needs a {per}-byte slot, more than the whole bank "
                                f"({self.capacity_bytes} bytes, VPT_BANK_BYTES)")
-        old = self._entries.pop(key, None)  # a stale duplicate of the same key
-        if old is not None:
-            self._entries[key] = old  # keep it accounted until it can go
         while per * (len(self._entries) + 1) > self.capacity_bytes:
             victim = next((k for k, e in self._entries.items() if e.pins == 0), None)
             if victim is None:
@@ -266,44 +233,30 @@ class PromptBank:
         slot = self._free.pop()
         write_slot(self._table, slot, tensors)
         entry = _Entry(key=key, slot=slot, spec=spec, tensors=tensors)
-        if old is not None:
-            self._entries.pop(key)
-            old.stale = True
-            self._orphans.append(old)
         self._entries[key] = entry
         log.debug("bank: loaded %s into slot %d", key, slot)
         return entry
-
-    def _allocate(self, slots: int, P: int, Ps: int, C: int) -> PromptTable:
-        return allocate_table(self.backbone, slots, P, Ps, C)
 
     def _grow(self, P: int, Ps: int, C: int, per: int) -> None:
         """A new table with room for one more entry; live entries are compacted into it.
 
         Leases taken before keep the old table and their old slot numbers, so they read unchanged
-        tensors; entries replaced while pinned (orphans) get no slot in the new table.
+        tensors.
         """
         needed = len(self._entries) + 1
         grown = self._table.slots * 2 if not self._free else self._table.slots
         slots = min(max(4, grown, needed), max(needed, self.capacity_bytes // per))
-        table = self._allocate(slots, P, Ps, C)
+        table = allocate_table(self.backbone, slots, P, Ps, C)
         for i, entry in enumerate(self._entries.values()):
             entry.slot = i
             write_slot(table, i, entry.tensors)
-        for orphan in self._orphans:
-            orphan.slot = -1
         self._free = list(range(slots - 1, len(self._entries) - 1, -1))
         self._table, self._dims = table, (P, Ps, C)
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0 and entry.stale:
-            if self._entries.get(entry.key) is entry:
-                self._evict(entry.key)
-            elif entry in self._orphans:
-                self._orphans.remove(entry)
-                if entry.slot >= 0:
-                    self._free.append(entry.slot)
+        if entry.pins == 0 and entry.stale and self._entries.get(entry.key) is entry:
+            self._evict(entry.key)
 
     def _evict(self, key: TaskKey) -> None:
         entry = self._entries.pop(key)

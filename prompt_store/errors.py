@@ -54,6 +54,26 @@ class StoreUnavailable(StoreError):
     code = "store_unavailable"
 
 
+class BankFull(StoreError):
+    """Every bank slot is pinned by in-flight batches: retrying later can succeed."""
+
+    code = "bank_full"
+
+
+class TaskTooLarge(StoreError):
+    """One task alone needs more bytes than the whole bank holds: retrying cannot help."""
+
+    code = "task_too_large"
+
+
+class TaskUnservable(StoreError):
+    """The stored task file cannot be served by this backbone (corrupt, or another backbone's)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class RecordCorrupt(StoreError):
     """A stored record cannot be decoded or its blob does not match its checksum."""
 

@@ -60,11 +60,6 @@ class EventHub:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    @property
-    def active(self) -> bool:
-        with self._lock:
-            return bool(self._subs)
-
     def subscribe(self, callback: Callback) -> Subscription:
         if not callable(callback):
             raise TypeError("callback must be callable")

@@ -11,8 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from kernels.errors import KernelError
-from prompt_store.bank import BankFull, TaskTooLarge, TaskUnservable
 from prompt_store.errors import (
+    BankFull,
     InvalidId,
     JobNotFound,
     RecordCorrupt,
@@ -20,6 +20,8 @@ from prompt_store.errors import (
     StoreError,
     StoreUnavailable,
     TaskNotFound,
+    TaskTooLarge,
+    TaskUnservable,
     VersionNotFound,
 )
 from vpt.data.errors import DatasetError

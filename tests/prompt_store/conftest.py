@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,10 +37,6 @@ def make_blob(seed: int, size: int = 4096) -> bytes:
 def meta_for(blob: bytes, **extra: str) -> dict[str, str]:
     """Metadata carrying the blob's own checksum, so readers can check blob/record pairing."""
     return {"format": "vpt-task/1", "blob_sha": hashlib.sha256(blob).hexdigest(), **extra}
-
-
-def classes_meta(classes: list[str]) -> dict[str, str]:
-    return {"classes": json.dumps(classes)}
 
 
 @pytest.fixture(params=["local", "redis"])

@@ -8,6 +8,7 @@ import torch
 
 from prompt_store.bank import BankFull, PromptBank, TaskUnservable
 from prompt_store.local import LocalStore
+from prompt_store.records import ChangeEvent
 from vpt.backbone import Backbone
 from vpt.engine import deep_prompt_kv, forward_logits
 from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
@@ -114,8 +115,13 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     bank.release(new)
     # rollback: activating version 1 serves it again
     store.activate(TENANT, "t", 1)
-    time.sleep(0.05)
-    lease = bank.acquire(TENANT, ["t"])
+    deadline = time.monotonic() + 2
+    while True:
+        lease = bank.acquire(TENANT, ["t"])
+        if lease.tasks[0].key.version == 1 or time.monotonic() > deadline:
+            break
+        bank.release(lease)
+        time.sleep(0.01)
     assert lease.tasks[0].key.version == 1 and len(lease.tasks[0].classes) == 3
     bank.release(lease)
     bank.close()
@@ -152,6 +158,33 @@ def test_unservable_and_missing_tasks_are_typed(store: LocalStore, tiny_backbone
     with pytest.raises(TaskNotFound):  # a failure in a batch releases what it pinned
         bank.acquire(TENANT, ["ok", "nope"])
     assert all(e.pins == 0 for e in bank._entries.values())
+
+
+def test_a_non_store_failure_leaves_nothing_pinned(store: LocalStore, tiny_backbone: Backbone, monkeypatch) -> None:
+    put(store, tiny_backbone, "a")
+    put(store, tiny_backbone, "b")
+    bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
+    bank.release(bank.acquire(TENANT, ["a"]))
+    monkeypatch.setattr("prompt_store.bank.task_slot_tensors", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        bank.acquire_each([(TENANT, "a"), (TENANT, "b")])  # a is pinned first, then loading b fails
+    assert all(e.pins == 0 for e in bank._entries.values())
+
+
+def test_reactivating_a_pinned_old_version_reuses_its_slot(store: LocalStore, tiny_backbone: Backbone) -> None:
+    put(store, tiny_backbone, "t", seed=1)
+    bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
+    old = bank.acquire(TENANT, ["t"])
+    put(store, tiny_backbone, "t", seed=2)
+    bank.on_change(ChangeEvent(TENANT, "t", 2, "put"))
+    bank.release(bank.acquire(TENANT, ["t"]))
+    store.activate(TENANT, "t", 1)
+    bank.on_change(ChangeEvent(TENANT, "t", 1, "activate"))
+    again = bank.acquire(TENANT, ["t"])
+    assert again.tasks[0].key.version == 1 and again.tasks[0].slot == old.tasks[0].slot
+    assert bank.stats().misses == 2  # version 1 was not loaded twice
+    bank.release(old)
+    bank.release(again)
 
 
 def test_delete_event_retires_entries(store: LocalStore, tiny_backbone: Backbone) -> None:
