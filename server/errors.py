@@ -44,6 +44,10 @@ def busy(message: str, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
 
 
+_STATUS_OF_CODE = ((TaskNotFound, 404), (VersionNotFound, 404), (JobNotFound, 404), (TaskTooLarge, 422),
+                   (TaskUnservable, 422))
+
+
 def translate(exc: Exception) -> ApiError:
     """Map an error from below the server to its HTTP answer."""
     if isinstance(exc, ApiError):
@@ -53,20 +57,13 @@ def translate(exc: Exception) -> ApiError:
     if isinstance(exc, InvalidId):
         code = "invalid_job_id" if "job id" in str(exc) else "invalid_task_id"
         return ApiError(400, code, str(exc))
-    if isinstance(exc, TaskNotFound):
-        return ApiError(404, "task_not_found", str(exc))
-    if isinstance(exc, VersionNotFound):
-        return ApiError(404, "version_not_found", str(exc))
-    if isinstance(exc, JobNotFound):
-        return ApiError(404, "job_not_found", str(exc))
-    if isinstance(exc, StoreConflict):
+    for kind, status in _STATUS_OF_CODE:  # errors whose own `code` is the HTTP code
+        if isinstance(exc, kind):
+            return ApiError(status, exc.code, str(exc))
+    if isinstance(exc, StoreConflict):  # JobFinished too: callers that mean "finished" say so themselves
         return ApiError(409, "conflict", str(exc))
-    if isinstance(exc, TaskTooLarge):
-        return ApiError(422, "task_too_large", str(exc))
     if isinstance(exc, BankFull):
         return busy(f"every prompt bank slot is in use: {exc}")
-    if isinstance(exc, TaskUnservable):
-        return ApiError(422, exc.code, str(exc))
     if isinstance(exc, StoreUnavailable):
         return ApiError(503, "store_unavailable", "the prompt store is unavailable; retry shortly",
                         headers={"Retry-After": "2"})
