@@ -13,8 +13,8 @@ import anyio.to_thread
 import httpx
 
 from vpt_client import _calls as calls
-from vpt_client._base_client import BaseClient, Call, TimeoutTypes
-from vpt_client._constants import DEFAULT_MAX_RETRIES, DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT
+from vpt_client._base_client import BaseClient, Call, ClientOptions, TimeoutTypes, _JobHandleBase
+from vpt_client._constants import DEFAULT_POLL_INTERVAL
 from vpt_client._files import ImageInput, ProgressCallback, encode_images, prepare_dataset, read_task_file
 from vpt_client._sse import SSEDecoder
 from vpt_client.errors import APIConnectionError, JobFailedError, WaitTimeoutError
@@ -33,12 +33,10 @@ class AsyncClient(BaseClient):
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        headers: dict[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
+        **options: Unpack[ClientOptions],
     ) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, headers=headers)
+        super().__init__(base_url, api_key, **options)
         self._http = http_client if http_client is not None else httpx.AsyncClient()
         self._owns_http = http_client is None
         self.tasks = AsyncTasks(self)
@@ -103,7 +101,8 @@ class AsyncClient(BaseClient):
         top_k: int = 5,
         timeout: TimeoutTypes | None = None,
     ) -> Prediction:
-        return await self._call(calls.predict(task, encode_images(images), top_k, timeout))
+        parts = await anyio.to_thread.run_sync(encode_images, images)
+        return await self._call(calls.predict(task, parts, top_k, timeout))
 
     async def backbone(self) -> Backbone:
         return await self._call(calls.backbone())
@@ -158,7 +157,8 @@ class AsyncTasks:
     async def import_(
         self, task: str, source: str | os.PathLike | bytes, *, timeout: TimeoutTypes | None = None
     ) -> Task:
-        return await self._client._call(calls.import_task(task, read_task_file(source), timeout))
+        content = await anyio.to_thread.run_sync(read_task_file, source)
+        return await self._client._call(calls.import_task(task, content, timeout))
 
 
 class AsyncJobs:
@@ -210,15 +210,18 @@ class AsyncJobs:
         while True:
             response, got = await self._client._send(call, stream=True), False
             try:
-                decoder = SSEDecoder()
-                async for line in response.aiter_lines():
-                    event = decoder.feed(line)
+                decoder, lines = SSEDecoder(), response.aiter_lines()
+                while True:
+                    line = await anext(lines, None)  # None: the stream ended; flush an unterminated last event
+                    event = decoder.flush() if line is None else decoder.feed(line)
                     item = None if event is None else calls.job_from_event(event)
                     if item is calls.END:
                         return
                     if isinstance(item, Job):
                         got, last = True, item
                         yield item
+                    if line is None:
+                        break
             except httpx.TransportError as exc:
                 logger.info("event stream of job %s broke off: %s", job_id, exc)
             finally:
@@ -231,23 +234,8 @@ class AsyncJobs:
             await anyio.sleep(self._client.retry_policy.backoff(quiet))
 
 
-class AsyncJobHandle:
+class AsyncJobHandle(_JobHandleBase[AsyncClient]):
     """Async twin of `JobHandle`."""
-
-    def __init__(self, client: AsyncClient, job: Job) -> None:
-        self._client = client
-        self.job = job
-
-    def __repr__(self) -> str:
-        return f"AsyncJobHandle(job_id={self.job_id!r}, state={self.state!r})"
-
-    @property
-    def job_id(self) -> str:
-        return self.job.job_id
-
-    @property
-    def state(self) -> str:
-        return self.job.state
 
     async def refresh(self) -> Job:
         self.job = await self._client.jobs.get(self.job_id)

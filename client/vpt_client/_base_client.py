@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 import httpx
 from pydantic import ValidationError
@@ -30,11 +30,21 @@ from vpt_client.errors import (
     ResponseValidationError,
     make_api_error,
 )
+from vpt_client.models import Job
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+C = TypeVar("C")
 TimeoutTypes = float | httpx.Timeout | None
+
+
+class ClientOptions(TypedDict, total=False):
+    """Keyword settings shared by `Client` and `AsyncClient`; defaults in `BaseClient.__init__`."""
+
+    timeout: TimeoutTypes
+    max_retries: int
+    headers: Mapping[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,13 @@ class BaseClient:
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        *,
-        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        headers: Mapping[str, str] | None = None,
+        **options: Unpack[ClientOptions],
     ) -> None:
+        unknown = sorted(set(options) - set(ClientOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}")
+        timeout = options.get("timeout", DEFAULT_TIMEOUT)
+        max_retries = options.get("max_retries", DEFAULT_MAX_RETRIES)
         base_url = base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
         if not base_url.startswith(("http://", "https://")):
             raise InvalidInputError(f"base URL {base_url!r} must start with http:// or https://")
@@ -77,7 +89,7 @@ class BaseClient:
             raise InvalidInputError("max_retries must be >= 0")
         self.max_retries = max_retries
         self.retry_policy = RetryPolicy(max_retries=max_retries)
-        self._extra_headers = dict(headers or {})
+        self._extra_headers = dict(options.get("headers") or {})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -140,3 +152,22 @@ class BaseClient:
         if isinstance(error, httpx.TimeoutException):
             return APITimeoutError(f"{where} timed out ({type(error).__name__})")
         return APIConnectionError(f"{where}: {error or type(error).__name__}")
+
+
+class _JobHandleBase(Generic[C]):
+    """What `JobHandle` and `AsyncJobHandle` share: the client, the latest known Job, and its id/state."""
+
+    def __init__(self, client: C, job: Job) -> None:
+        self._client = client
+        self.job = job
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(job_id={self.job_id!r}, state={self.state!r})"
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def state(self) -> str:
+        return self.job.state

@@ -143,10 +143,11 @@ def predict(task: str, parts: list[FilePart], top_k: int, timeout: TimeoutTypes 
 
 
 def train(
-    task: str, upload: tuple[str, ProgressReader, str], options: Mapping[str, Any], timeout: TimeoutTypes | None
+    task: str, upload: tuple[str, ProgressReader, str], fields: Mapping[str, str], timeout: TimeoutTypes | None
 ) -> Call[Job]:
+    """`fields` are the form fields `train_fields` made of the training options."""
     return Call("POST", f"/tasks/{_segment(task, 'task')}/train", _model(Job), Retry.NEVER,
-                files=[("dataset", upload)], data=train_fields(options),
+                files=[("dataset", upload)], data=fields,
                 timeout=UPLOAD_TIMEOUT if timeout is None else timeout)
 
 

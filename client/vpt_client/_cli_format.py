@@ -64,8 +64,8 @@ def details(pairs: Sequence[tuple[str, Any]]) -> str:
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
@@ -149,8 +149,8 @@ class TrainingBar:
     def update(self, job: Job) -> None:
         if not self._enabled:
             return
-        line = job_line(job)
         if self._tty:
+            line = job_line(job)
             self._stream.write("\r" + line.ljust(self._width))
             self._width = max(self._width, len(line))
         else:
@@ -158,7 +158,7 @@ class TrainingBar:
             if key == self._last_key:
                 return
             self._last_key = key
-            self._stream.write(line + "\n")
+            self._stream.write(job_line(job) + "\n")
         self._stream.flush()
 
     def finish(self) -> None:

@@ -11,8 +11,8 @@ from typing import Any, Self, TypeVar, Unpack
 import httpx
 
 from vpt_client import _calls as calls
-from vpt_client._base_client import BaseClient, Call, TimeoutTypes
-from vpt_client._constants import DEFAULT_MAX_RETRIES, DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT
+from vpt_client._base_client import BaseClient, Call, ClientOptions, TimeoutTypes, _JobHandleBase
+from vpt_client._constants import DEFAULT_POLL_INTERVAL
 from vpt_client._files import ImageInput, ProgressCallback, encode_images, prepare_dataset, read_task_file
 from vpt_client._sse import SSEDecoder
 from vpt_client.errors import APIConnectionError, JobFailedError, WaitTimeoutError
@@ -36,12 +36,10 @@ class Client(BaseClient):
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        headers: dict[str, str] | None = None,
         http_client: httpx.Client | None = None,
+        **options: Unpack[ClientOptions],
     ) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, headers=headers)
+        super().__init__(base_url, api_key, **options)
         self._http = http_client if http_client is not None else httpx.Client()
         self._owns_http = http_client is None
         self.tasks = Tasks(self)
@@ -226,15 +224,18 @@ class Jobs:
         while True:
             response, got = self._client._send(call, stream=True), False
             try:
-                decoder = SSEDecoder()
-                for line in response.iter_lines():
-                    event = decoder.feed(line)
+                decoder, lines = SSEDecoder(), response.iter_lines()
+                while True:
+                    line = next(lines, None)  # None: the stream ended; flush an unterminated last event
+                    event = decoder.flush() if line is None else decoder.feed(line)
                     item = None if event is None else calls.job_from_event(event)
                     if item is calls.END:
                         return
                     if isinstance(item, Job):
                         got, last = True, item
                         yield item
+                    if line is None:
+                        break
             except httpx.TransportError as exc:
                 logger.info("event stream of job %s broke off: %s", job_id, exc)
             finally:
@@ -247,23 +248,8 @@ class Jobs:
             time.sleep(self._client.retry_policy.backoff(quiet))
 
 
-class JobHandle:
+class JobHandle(_JobHandleBase[Client]):
     """A training job as returned by `train`: the latest known state plus wait/events/cancel."""
-
-    def __init__(self, client: Client, job: Job) -> None:
-        self._client = client
-        self.job = job
-
-    def __repr__(self) -> str:
-        return f"JobHandle(job_id={self.job_id!r}, state={self.state!r})"
-
-    @property
-    def job_id(self) -> str:
-        return self.job.job_id
-
-    @property
-    def state(self) -> str:
-        return self.job.state
 
     def refresh(self) -> Job:
         self.job = self._client.jobs.get(self.job_id)

@@ -22,7 +22,6 @@ MAX_RETRY_DELAY = 8.0
 MAX_RETRY_AFTER = 60.0
 
 DEFAULT_POLL_INTERVAL = 1.0
-UPLOAD_CHUNK = 64 * 1024
 # A dataset zip stays in memory up to this size, then spills to a temporary file.
 SPOOL_MAX_BYTES = 8 * 1024 * 1024
 

@@ -57,6 +57,25 @@ def test_events_reopen_a_stream_that_broke_off(server: FakeServer, client: Clien
     assert len(server.calls("GET", "/jobs/j-1/events")) == 2
 
 
+def _unterminated_last_event() -> list:
+    """A stream whose last (terminal) progress event has no closing blank line."""
+    return [f"event: progress\ndata: {json.dumps(samples.job('succeeded', epoch=3, version=3))}"]
+
+
+def test_events_keep_a_last_event_without_blank_line(server: FakeServer, client: Client) -> None:
+    server.on("GET", "/jobs/j-1/events", sse(_unterminated_last_event()))
+    jobs = list(client.jobs.events("j-1"))
+    assert [j.state for j in jobs] == ["succeeded"]
+    assert len(server.calls("GET", "/jobs/j-1/events")) == 1  # terminal: not reopened
+
+
+async def test_async_events_keep_a_last_event_without_blank_line(server: FakeServer, aclient: AsyncClient) -> None:
+    server.on("GET", "/jobs/j-1/events", sse(_unterminated_last_event()))
+    jobs = [job async for job in aclient.jobs.events("j-1")]
+    assert [j.state for j in jobs] == ["succeeded"]
+    assert len(server.calls("GET", "/jobs/j-1/events")) == 1
+
+
 def test_events_give_up_on_streams_without_events(server: FakeServer, client: Client) -> None:
     server.on("GET", "/jobs/j-1/events", sse([": nothing\n\n"]))
     with pytest.raises(v.APIConnectionError):
