@@ -2,9 +2,11 @@
 
 DATASET is an archive (zip, tar, tar.gz, ...) or a directory in one of the accepted layouts
 (class folders, train/ and val/ folders, or a manifest); a directory is packed into a temporary
-tar and ingested with the same checks as an upload. The backbone comes from --backbone,
---backbone-weights and --backbone-kwargs, defaulting to VPT_BACKBONE, VPT_BACKBONE_WEIGHTS and
-VPT_BACKBONE_KWARGS. Errors print `error: <code>: <message>` and exit with status 1.
+tar and ingested with the same checks as an upload. The backbone is loaded as the server loads
+it, from its settings (VPT_BACKBONE, VPT_BACKBONE_WEIGHTS, VPT_BACKBONE_KWARGS, VPT_DEVICE,
+VPT_DTYPE) overridden by the --backbone, --backbone-weights, --backbone-kwargs, --device and
+--dtype flags given; the dtype defaults to float32 rather than the server's auto. Errors print
+`error: <code>: <message>` and exit with status 1.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
+from server.settings import DEFAULT_BACKBONE
+
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 # flag -> TrainOptions field; flags left out keep the TrainOptions default
@@ -27,6 +30,7 @@ _OPTION_FLAGS = {"method": "method", "prompts": "num_prompts", "epochs": "epochs
                  "prompt_dropout": "prompt_dropout", "augmentation": "augmentation", "sweep": "sweep",
                  "seed": "seed", "val_fraction": "val_fraction", "keep": "keep",
                  "mixed_precision": "mixed_precision", "workers": "num_workers"}
+_BACKBONE_FLAGS = ("backbone", "backbone_weights", "backbone_kwargs", "device", "dtype")  # Settings fields
 
 
 class CliError(Exception):
@@ -36,17 +40,14 @@ class CliError(Exception):
 
 
 def _backbone_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default=os.environ.get("VPT_BACKBONE", DEFAULT_BACKBONE),
-                   help="timm model name (env VPT_BACKBONE; default %(default)s)")
-    g.add_argument("--backbone-weights", default=os.environ.get("VPT_BACKBONE_WEIGHTS") or None,
+    g = p.add_argument_group("backbone (flags left out come from the VPT_* settings)")
+    g.add_argument("--backbone", help=f"timm model name (env VPT_BACKBONE; default {DEFAULT_BACKBONE})")
+    g.add_argument("--backbone-weights",
                    help="local checkpoint instead of a download (env VPT_BACKBONE_WEIGHTS)")
-    g.add_argument("--backbone-kwargs", default=os.environ.get("VPT_BACKBONE_KWARGS") or None,
+    g.add_argument("--backbone-kwargs",
                    help="JSON object of timm.create_model arguments (env VPT_BACKBONE_KWARGS)")
-    g.add_argument("--device", default=os.environ.get("VPT_DEVICE", "auto"),
-                   help="cpu, cuda, cuda:N or auto (env VPT_DEVICE; default %(default)s)")
-    g.add_argument("--dtype", default=os.environ.get("VPT_DTYPE", "float32"),
-                   help="backbone dtype (env VPT_DTYPE; default %(default)s)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (env VPT_DEVICE; default auto)")
+    g.add_argument("--dtype", help="backbone dtype (env VPT_DTYPE; default float32)")
 
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -109,27 +110,36 @@ def _code_for(e: Exception) -> str:
 
 
 def _load_backbone(args: argparse.Namespace) -> Any:
+    """The backbone the server would load, from the VPT_* settings overridden by the given flags."""
     import torch
+    from pydantic import ValidationError
 
-    from vpt.backbone import load_backbone
+    from server.settings import Settings
+    from server.state import build_backbone
 
-    kwargs = None
-    if args.backbone_kwargs:
-        try:
-            kwargs = json.loads(args.backbone_kwargs)
-        except json.JSONDecodeError as e:
-            raise CliError("invalid_parameter", f"--backbone-kwargs is not valid JSON: {e}") from e
-        if not isinstance(kwargs, dict):
-            raise CliError("invalid_parameter", "--backbone-kwargs must be a JSON object")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    given = {name: getattr(args, name) for name in _BACKBONE_FLAGS if getattr(args, name) is not None}
     try:
-        torch.device(device)
-    except RuntimeError as e:
-        raise CliError("invalid_parameter", f"--device {device!r}: {e}") from e
-    return load_backbone(args.backbone, weights=args.backbone_weights, model_kwargs=kwargs, device=device,
-                         dtype=args.dtype)
+        settings = Settings(**given)
+    except ValidationError as e:
+        raise CliError("invalid_parameter", _settings_problems(e)) from e
+    if "dtype" not in settings.model_fields_set:  # neither --dtype nor VPT_DTYPE: float32, not the server's auto
+        settings = settings.model_copy(update={"dtype": "float32"})
+    if settings.device != "auto":
+        try:
+            torch.device(settings.device)
+        except RuntimeError as e:
+            raise CliError("invalid_parameter", f"--device {settings.device!r}: {e}") from e
+    return build_backbone(settings)
+
+
+def _settings_problems(e: Any) -> str:
+    """One line for a pydantic ValidationError: each field as its flag or VPT_* variable, and why."""
+    parts = []
+    for err in e.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        where = f"--{name.replace('_', '-')} or " if name in _BACKBONE_FLAGS else ""
+        parts.append(f"{where}VPT_{name.upper()}: {err['msg']}")
+    return "; ".join(parts)
 
 
 def _as_archive(dataset: Path, tmp: Path) -> Path:
@@ -255,7 +265,7 @@ def _eval(args: argparse.Namespace) -> int:
         samples = [(path, index[label]) for path, label in picked]
         options = TrainOptions(batch_size=args.batch_size)
         report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, eval_transform(
-            backbone.data_config)), classes, options)
+            backbone.data_config)), classes, options, batch_size=args.batch_size)
     _print_report(report, args)
     return 0
 

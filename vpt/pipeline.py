@@ -111,10 +111,16 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
 
 
 def evaluate(backbone: Backbone, params: TaskParams, data: ImageDataset, classes: Sequence[str],
-             options: TrainOptions | None = None, should_cancel: CancelFn | None = None) -> ClassificationReport:
-    """Accuracy, per-class accuracy and confusion of `params` over `data` (eval transform applied)."""
+             options: TrainOptions | None = None, should_cancel: CancelFn | None = None,
+             batch_size: int | None = None) -> ClassificationReport:
+    """Accuracy, per-class accuracy and confusion of `params` over `data` (eval transform applied).
+
+    Batches hold `batch_size` images; None means max(options.batch_size, 64).
+    """
     options = options or TrainOptions(num_workers=0)
-    loader = make_loader(data, max(options.batch_size, 64), False, None, options, backbone.device)
+    if batch_size is None:
+        batch_size = max(options.batch_size, 64)
+    loader = make_loader(data, batch_size, False, None, options, backbone.device)
     _, preds, labels = predict(backbone, params, loader, amp_enabled(options, backbone.device), should_cancel)
     return ClassificationReport.from_predictions(preds, labels, classes)
 

@@ -29,6 +29,7 @@ from vpt.train import (
     TrainOptions,
     TrainOptionsError,
     TrainOutcome,
+    total_steps,
     train_task,
 )
 
@@ -96,8 +97,7 @@ def run_sweep(backbone: Backbone, classes: Sequence[str], train_set: Dataset, va
         raise TrainOptionsError("sweep: scoring runs needs validation images; set val_fraction > 0 or give the "
                                 "dataset a val split", field="sweep")
     pairs = list(grid) if grid is not None else sweep_grid(options.sweep)
-    steps = -(-len(train_set) // options.batch_size) * options.epochs
-    progress = Progress(len(pairs), steps, on_progress)
+    progress = Progress(len(pairs), total_steps(len(train_set), options), on_progress)
     runs: list[SweepRun] = []
     best_run: SweepRun | None = None
     winner: TrainOutcome | None = None

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from vpt.backbone import Backbone
 from vpt.engine import forward_logits, training_table
 from vpt.errors import VPTError
+from vpt.metrics import accuracy
 from vpt.task import MAX_PROMPTS, METHODS, TaskParams, TaskSpec
 from vpt.transforms import AUGMENTATIONS
 
@@ -188,6 +189,11 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def total_steps(n_train: int, options: TrainOptions) -> int:
+    """Optimizer steps of one run: ceil(n_train / batch_size) per epoch, times the epochs."""
+    return math.ceil(n_train / options.batch_size) * options.epochs
+
+
 @dataclass(frozen=True)
 class ProgressEvent:
     """A training progress report. `kind` is "step" (after each step) or "epoch" (after each
@@ -335,9 +341,8 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
         raise TrainOptionsError("the training set is empty", field="dataset")
     dev = backbone.device
     spec = options.spec(classes)
-    steps_per_epoch = math.ceil(len(train_set) / options.batch_size)
-    total = steps_per_epoch * options.epochs
-    warmup = steps_per_epoch * options.resolved_warmup_epochs
+    total = total_steps(len(train_set), options)
+    warmup = total // options.epochs * options.resolved_warmup_epochs  # steps per epoch x warmup epochs
     progress = progress or Progress(1, total, on_progress)
     amp = amp_enabled(options, dev)
     rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
@@ -403,7 +408,7 @@ def _run(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loa
         val_loss = None
         if val_loader is not None:
             logits, preds, y = predict(backbone, params, val_loader, amp, should_cancel)
-            state.val_acc = int((preds == y).sum()) / y.numel() if y.numel() else 0.0
+            state.val_acc = accuracy(preds, y)
             val_loss = float(F.cross_entropy(logits, y)) if y.numel() else None
             if state.best is None or state.val_acc > state.best[0]:  # ties keep the earlier epoch
                 state.best = (state.val_acc, epoch, copy.deepcopy(params.state_dict()))

@@ -146,6 +146,18 @@ def test_workers_give_the_same_dataset(digits_zip: Path, tmp_path: Path) -> None
     assert [(p.relative_to(tmp_path / "one"), y) for p, y in one.train] == \
            [(p.relative_to(tmp_path / "four"), y) for p, y in four.train]
 
+    good = digits_entries(classes=range(2), per_class=6)
+    png = good["0/0_0.png"]
+    bad = {"0/0_0.png": png[: len(png) // 2], "1/1_3.png": png[:40]}
+    archive = write_zip(tmp_path / "bad.zip", {**good, **bad})
+    errors = []
+    for workers in (1, 4):
+        with pytest.raises(DatasetError) as info:
+            ingest_archive(archive, tmp_path / f"bad{workers}", workers=workers)
+        errors.append(info.value)
+    assert errors[0].code == errors[1].code == E.CORRUPT_IMAGE
+    assert errors[0].entries == errors[1].entries and sorted(errors[0].entries) == sorted(bad)
+
 
 # ---- refused structures -----------------------------------------------------------------------
 

@@ -43,8 +43,9 @@ def open_rgb(source: str | Path | IO[bytes], max_pixels: int | None = None) -> I
 def image_problem(path: Path, max_pixels: int) -> str | None:
     """The DatasetError code that `path` deserves, or None when it decodes to a sane RGB image.
 
-    The pixel count is read from the header before anything is decoded (decompression bombs);
-    then PIL's structural verify, then a full decode and RGB conversion.
+    The pixel count is read from the header before anything is decoded (decompression bombs),
+    then PIL's structural verify runs; last, `open_rgb` (the decoder training and serving use)
+    decodes it in full.
     """
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as im:
@@ -52,16 +53,15 @@ def image_problem(path: Path, max_pixels: int) -> str | None:
             if width * height > max_pixels:
                 return E.IMAGE_TOO_LARGE
             im.verify()
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
-            if im.size != (width, height):
-                return E.CORRUPT_IMAGE
-            im.load()
-            im.convert("RGB")
     except Image.DecompressionBombError:
         return E.IMAGE_TOO_LARGE
     except UnidentifiedImageError:
         return E.CORRUPT_IMAGE if path.suffix.lower() in IMAGE_EXTENSIONS else E.NOT_IMAGE
     except Exception:  # decoders raise anything (struct.error, SyntaxError...) on bad bytes
+        return E.CORRUPT_IMAGE
+    try:
+        open_rgb(path)
+    except ImageDecodeError:
         return E.CORRUPT_IMAGE
     return None
 
