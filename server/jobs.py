@@ -189,7 +189,8 @@ class TrainingWorker:
                 raise TrainingCancelled("cancelled before publishing")
             blob = result.task_file
             version = self.store.put_task(job.tenant, job.task_id, blob, read_metadata(blob)).version
-            self._finish(job, "succeeded", version=version, metrics=result.metrics, progress=beat.last)
+            self._finish(job, "succeeded", version=version, metrics=result.metrics, progress=beat.last,
+                         options=result.metadata["training"]["options"])  # a sweep's winning base_lr and wd
             log.info("job %s: task %s/%s version %d published", job.job_id, job.tenant, job.task_id, version)
         except TrainingCancelled:
             self._finish(job, "cancelled")
