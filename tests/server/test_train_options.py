@@ -3,20 +3,31 @@ and `vpt train` flags. Each test fails when a surface drifts from vpt/options.py
 from __future__ import annotations
 
 import argparse
+import json
 
 import httpx
 import pytest
 
 from server.cli_train import _options, add_train_commands
 from tests.fixtures.digits import make_digits_zip
+from tests.fixtures.live_server import ServerProcess
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.server.helpers import finished, wait_job
 from vpt.options import TrainOptions, form_schema
 
 
 @pytest.fixture(scope="module")
-def api(live_server) -> httpx.Client:
-    with httpx.Client(base_url=live_server.base_url, timeout=120) as c:
-        yield c
+def api(tmp_path_factory: pytest.TempPathFactory) -> httpx.Client:
+    """A server on a seeded random tiny ViT: these tests check options, not accuracy."""
+    root = tmp_path_factory.mktemp("options")
+    server = ServerProcess({"VPT_STORE": str(root / "store"), "VPT_BACKBONE": TINY_NAME,
+                            "VPT_BACKBONE_PRETRAINED": "false", "VPT_BACKBONE_KWARGS": json.dumps(TINY_KWARGS)},
+                           root / "server.log").start()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=120) as c:
+            yield c
+    finally:
+        server.stop()
 
 
 def non_defaults() -> dict[str, str]:
