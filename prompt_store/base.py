@@ -43,6 +43,10 @@ class Store(ABC):
         """The tenant's tasks, sorted by task id."""
 
     @abstractmethod
+    def list_tenants(self) -> list[str]:
+        """Every tenant that has stored something, sorted."""
+
+    @abstractmethod
     def list_versions(self, tenant: str, task_id: str) -> list[TaskVersion]:
         """All versions of a task, oldest first."""
 

@@ -283,6 +283,10 @@ class LocalStore(Store):
                 out.append(self.get_info(tenant, task_id))
         return out
 
+    def list_tenants(self) -> list[str]:
+        with self._io():
+            return sorted(_id_entries(self.paths.tenants_dir))
+
     def list_versions(self, tenant: str, task_id: str) -> list[TaskVersion]:
         with self._io():
             self._head(tenant, task_id)
@@ -363,7 +367,7 @@ class LocalStore(Store):
 
     def list_all_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
         jobs = []
-        for tenant in _id_entries(self.paths.tenants_dir):
+        for tenant in self.list_tenants():
             jobs += [j for j in self.list_jobs(tenant) if states is None or j.state in states]
         return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
 

@@ -213,6 +213,10 @@ class RedisStore(Store):
         return self._infos(tenant, task_ids)
 
     @translated
+    def list_tenants(self) -> list[str]:
+        return sorted(_s(t) for t in self.client.smembers(self.keys.tenants()))
+
+    @translated
     def list_versions(self, tenant: str, task_id: str) -> list[TaskVersion]:
         k = self.keys
         with self.client.pipeline(transaction=True) as pipe:
@@ -320,7 +324,7 @@ class RedisStore(Store):
     @translated
     def list_all_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
         jobs = []
-        for tenant in sorted(_s(t) for t in self.client.smembers(self.keys.tenants())):
+        for tenant in self.list_tenants():
             jobs += [j for j in self.list_jobs(tenant) if states is None or j.state in states]
         return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
 

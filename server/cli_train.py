@@ -109,15 +109,16 @@ def _load_backbone(args: argparse.Namespace) -> Any:
     """The backbone the server would load, from the VPT_* settings overridden by the given flags."""
     import torch
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
-    from server.settings import Settings
+    from server.settings import Settings, settings_problems
     from server.state import build_backbone
 
     given = {name: getattr(args, name) for name in _BACKBONE_FLAGS if getattr(args, name) is not None}
     try:
         settings = Settings(**given)
-    except ValidationError as e:
-        raise CliError("invalid_parameter", _settings_problems(e)) from e
+    except (ValidationError, SettingsError) as e:
+        raise CliError("invalid_parameter", settings_problems(e, _BACKBONE_FLAGS)) from e
     if "dtype" not in settings.model_fields_set:  # neither --dtype nor VPT_DTYPE: float32, not the server's auto
         settings = settings.model_copy(update={"dtype": "float32"})
     if settings.device != "auto":
@@ -126,16 +127,6 @@ def _load_backbone(args: argparse.Namespace) -> Any:
         except RuntimeError as e:
             raise CliError("invalid_parameter", f"--device {settings.device!r}: {e}") from e
     return build_backbone(settings)
-
-
-def _settings_problems(e: Any) -> str:
-    """One line for a pydantic ValidationError: each field as its flag or VPT_* variable, and why."""
-    parts = []
-    for err in e.errors(include_url=False):
-        name = str(err["loc"][0]) if err["loc"] else "settings"
-        where = f"--{name.replace('_', '-')} or " if name in _BACKBONE_FLAGS else ""
-        parts.append(f"{where}VPT_{name.upper()}: {err['msg']}")
-    return "; ".join(parts)
 
 
 def _as_archive(dataset: Path, tmp: Path) -> Path:

@@ -45,6 +45,8 @@ class TaskOut(BaseModel):
     updated_at: float
     size_bytes: int
     metrics: dict[str, Any] | None = None
+    servable: bool = Field(True, description="false when this server's backbone cannot serve the current version")
+    reason: str | None = Field(None, description="why the task is not servable (e.g. backbone_mismatch)")
 
 
 class TaskList(BaseModel):
@@ -148,13 +150,26 @@ def version_out(v: TaskVersion, current: int) -> VersionOut:
                       classes=_json_field(m, "classes", []), size_bytes=v.size_bytes, metrics=_summary_metrics(m))
 
 
-def task_out(info: TaskInfo) -> TaskOut:
+def unservable_reason(meta: dict[str, str], backbone_name: str, fingerprint: str) -> str | None:
+    """Why a version with this metadata cannot be served by the running backbone, or None."""
+    theirs = meta.get("backbone_fingerprint", "")
+    if theirs == fingerprint:
+        return None
+    return (f"backbone_mismatch: trained on {safe_text(meta.get('backbone', '?'))!r} (fingerprint {theirs[:12]}), "
+            f"this server runs {backbone_name!r} (fingerprint {fingerprint[:12]}); serve it with the backbone "
+            "it was trained on, or train it again")
+
+
+def task_out(info: TaskInfo, backbone: tuple[str, str] | None = None) -> TaskOut:
+    """`backbone` (name, fingerprint) of the running backbone marks a task it cannot serve."""
     m = info.current.metadata
+    reason = unservable_reason(m, *backbone) if backbone is not None else None
     return TaskOut(task_id=info.task_id, current_version=info.current_version, num_versions=info.num_versions,
                    method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
                    classes=_json_field(m, "classes", []), backbone=m.get("backbone", ""),
                    backbone_fingerprint=m.get("backbone_fingerprint", ""), created_at=info.created_at,
-                   updated_at=info.updated_at, size_bytes=info.current.size_bytes, metrics=_summary_metrics(m))
+                   updated_at=info.updated_at, size_bytes=info.current.size_bytes, metrics=_summary_metrics(m),
+                   servable=reason is None, reason=reason)
 
 
 def job_out(job: JobRecord) -> JobOut:

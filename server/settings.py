@@ -4,12 +4,24 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
+
+
+def settings_problems(error: Exception, flags: tuple[str, ...] = ()) -> str:
+    """One line for a settings error: each bad field as its VPT_* variable (or --flag), and why."""
+    if not hasattr(error, "errors"):  # pydantic-settings' own SettingsError
+        return str(error).replace("\n", " ")
+    parts = []
+    for err in error.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        where = f"--{name.replace('_', '-')} or " if name in flags else ""
+        parts.append(f"{where}VPT_{name.upper()}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 class Settings(BaseSettings):
@@ -20,8 +32,9 @@ class Settings(BaseSettings):
     # backbone
     backbone: str = DEFAULT_BACKBONE
     backbone_weights: Path | None = None
-    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    backbone_kwargs: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     backbone_pretrained: bool = True
+    backbone_seed: int | None = Field(None, ge=0, lt=2**63)  # random weights; default: from name and kwargs
     device: str = "auto"                      # auto: cuda when available, else cpu
     dtype: str = "auto"                       # auto: bfloat16 on cuda, float32 on cpu
     attention: Literal["auto", "triton", "torch"] = "auto"
@@ -64,9 +77,13 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_kwargs(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = json.loads(value) if value.strip() else {}
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as e:
+                raise ValueError(f"not valid JSON ({e}); expected an object such as "
+                                 '\'{"img_size": 224}\'') from None
         if not isinstance(value, dict):
-            raise ValueError("VPT_BACKBONE_KWARGS must be a JSON object")
+            raise ValueError("must be a JSON object")
         return value
 
     @property

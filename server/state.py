@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import torch
 
@@ -35,11 +39,37 @@ def resolve_device(settings: Settings) -> tuple[str, str]:
     return device, dtype
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_offline_if_unreachable(settings: Settings, timeout_s: float = 3.0) -> bool:
+    """Before a hub download, try one connection to the hub. If it fails, put huggingface_hub in
+    offline mode: cached weights then load at once and missing ones fail at once, instead of
+    a minute of retries. True when offline mode was switched on."""
+    if not settings.backbone_pretrained or settings.backbone_weights is not None:
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or any(
+            os.environ.get(v) for v in _PROXY_VARS):
+        return False  # already offline, or a proxy the hub client knows how to use
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout_s).close()
+        return False
+    except OSError as e:
+        import huggingface_hub.constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        log.warning("the model hub %s cannot be reached (%s): using locally cached weights only", url.hostname, e)
+        return True
+
+
 def build_backbone(settings: Settings) -> Backbone:
+    hub_offline_if_unreachable(settings)
     device, dtype = resolve_device(settings)
     return load_backbone(settings.backbone, weights=settings.backbone_weights,
                          pretrained=settings.backbone_pretrained, model_kwargs=settings.backbone_kwargs,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, seed=settings.backbone_seed)
 
 
 def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Backbone,
@@ -66,6 +96,7 @@ class AppState:
     metrics: Metrics
     workers: list[TrainingWorker] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    _unservable: tuple[float, int] | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> AppState:
@@ -100,6 +131,17 @@ class AppState:
             t.start()
             self.workers.append(w)
             self.threads.append(t)
+
+    def unservable_tasks(self, max_age_s: float = 10.0) -> int:
+        """How many tasks (all tenants) have a current version this backbone cannot serve; recounted
+        at most every `max_age_s` seconds, since it reads every task's record."""
+        now = time.monotonic()
+        if self._unservable is None or now - self._unservable[0] > max_age_s:
+            fp = self.backbone.fingerprint
+            n = sum(info.current.metadata.get("backbone_fingerprint") != fp
+                    for tenant in self.store.list_tenants() for info in self.store.list_tasks(tenant))
+            self._unservable = (now, n)
+        return self._unservable[1]
 
     def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

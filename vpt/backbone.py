@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -135,6 +136,23 @@ def check_architecture(model: torch.nn.Module) -> None:
             raise BackboneError(f"block {i} is {type(blk).__name__}; only timm's standard pre-norm Block is supported")
 
 
+def random_init_seed(name: str, model_kwargs: dict[str, Any] | None) -> int:
+    """The seed of a random backbone's weights: a hash of the name and the kwargs, so the same
+    settings give the same weights (and fingerprint) in every process."""
+    text = json.dumps([name, model_kwargs or {}], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def _create(name: str, pretrained: bool, seed: int | None, kwargs: dict[str, Any]) -> VisionTransformer:
+    """timm.create_model; random weights are drawn from a generator seeded with `seed` (or from the name
+    and kwargs), so they are the same in every process; the global generator is restored afterwards."""
+    if pretrained:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_init_seed(name, kwargs) if seed is None else seed)
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
 def load_backbone(
     name: str,
     *,
@@ -143,11 +161,15 @@ def load_backbone(
     model_kwargs: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    seed: int | None = None,
 ) -> Backbone:
-    """A frozen timm ViT: hub weights by name, a local checkpoint, or random (pretrained=False)."""
+    """A frozen timm ViT: hub weights by name, a local checkpoint, or random (pretrained=False).
+
+    Random weights are deterministic: seeded with `seed`, or by default from the name and kwargs.
+    """
     kwargs = {"num_classes": 0, **(model_kwargs or {})}
     try:
-        model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+        model = _create(name, pretrained and weights is None, seed, kwargs)
     except Exception as e:  # unknown name, bad kwargs, hub unreachable
         raise BackboneError(f"cannot create backbone {name!r} with {kwargs}: {e}") from e
     check_architecture(model)

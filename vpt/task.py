@@ -171,8 +171,9 @@ def load_task_file(blob: bytes, backbone: Backbone, *, check_fingerprint: bool =
     if check_fingerprint and meta.get("backbone_fingerprint") != backbone.fingerprint:
         raise TaskFileError(
             f"task was trained on backbone {meta.get('backbone')!r} "
-            f"(fingerprint {str(meta.get('backbone_fingerprint'))[:12]}), the server runs {backbone.name!r} "
-            f"(fingerprint {backbone.fingerprint[:12]})", code="backbone_mismatch")
+            f"(fingerprint {str(meta.get('backbone_fingerprint'))[:12]}), but the backbone loaded here is "
+            f"{backbone.name!r} (fingerprint {backbone.fingerprint[:12]}); load the backbone it was trained on "
+            "(same name, weights and model kwargs)", code="backbone_mismatch")
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:

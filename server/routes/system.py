@@ -36,9 +36,22 @@ def readyz(state: State) -> JSONResponse:
     except StoreError as e:
         checks["store"] = f"unavailable: {e}"
     if all(v == "ok" for v in checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"status": "ready", "checks": checks, "details": _task_details(state)})
     return JSONResponse({"error": {"code": "not_ready", "message": "not ready", "details": checks}},
                         status_code=503, headers={"Retry-After": "2"})
+
+
+def _task_details(state: State) -> dict[str, int | str]:
+    """Tasks this backbone cannot serve (trained on another one): counted, never a reason to be unready."""
+    try:
+        n = state.unservable_tasks()
+    except StoreError:
+        return {}
+    out: dict[str, int | str] = {"unservable_tasks": n}
+    if n:
+        out["hint"] = (f"{n} task(s) were trained on another backbone (backbone_mismatch); GET /tasks marks "
+                       "them servable=false")
+    return out
 
 
 @router.get("/metrics", response_class=Response)

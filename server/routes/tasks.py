@@ -20,6 +20,10 @@ router = APIRouter(tags=["tasks"], responses={404: {"model": ErrorOut}, 400: {"m
 MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not even fit in a file name
 
 
+def _running(state: State) -> tuple[str, str]:
+    return state.backbone.name, state.backbone.fingerprint
+
+
 def _version(task_id: str, version: int | None) -> int | None:
     """`version` unless it is a number no task can have (404, like any missing version)."""
     if version is not None and version > MAX_VERSION:
@@ -29,12 +33,12 @@ def _version(task_id: str, version: int | None) -> int | None:
 
 @router.get("/tasks", response_model=TaskList)
 def list_tasks(state: State, tenant: Tenant) -> TaskList:
-    return TaskList(tasks=[task_out(i) for i in state.store.list_tasks(tenant)])
+    return TaskList(tasks=[task_out(i, _running(state)) for i in state.store.list_tasks(tenant)])
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut)
 def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
-    return task_out(state.store.get_info(tenant, validate_id(task_id)))
+    return task_out(state.store.get_info(tenant, validate_id(task_id)), _running(state))
 
 
 @router.delete("/tasks/{task_id}", status_code=204)
@@ -59,7 +63,7 @@ def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOu
     _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
     _check_servable(blob, state)
     state.store.activate(tenant, task_id, version)
-    return task_out(state.store.get_info(tenant, task_id))
+    return task_out(state.store.get_info(tenant, task_id), _running(state))
 
 
 @router.get("/tasks/{task_id}/export", response_class=Response,
@@ -84,7 +88,7 @@ async def import_task(task_id: str, request: Request, state: State, tenant: Tena
         raise ApiError(400, "bad_request", "the request body must be a task file")
     meta = await run_in_threadpool(_check_servable, blob, state)
     info = await run_in_threadpool(_put, state, tenant, task_id, blob, meta)
-    return task_out(info)
+    return task_out(info, _running(state))
 
 
 def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):

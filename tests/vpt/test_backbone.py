@@ -38,6 +38,28 @@ def test_fingerprint_is_stable_across_processes(tiny_vit_file, tiny_backbone: Ba
     assert other.fingerprint != tiny_backbone.fingerprint
 
 
+def test_random_weights_are_the_same_in_every_process() -> None:
+    """pretrained=False draws the weights from a seed (the name and kwargs, or `seed`): tasks trained
+    on a random backbone keep serving after a restart."""
+    import json
+
+    code = ("import json,sys; from vpt.backbone import load_backbone; "
+            f"print(load_backbone({TINY_NAME!r}, pretrained=False, model_kwargs=json.loads(sys.argv[1])).fingerprint)")
+    runs = {subprocess.run([sys.executable, "-c", code, json.dumps(TINY_KWARGS)], capture_output=True, text=True,
+                           check=True).stdout.strip() for _ in range(2)}
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    here = load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS).fingerprint
+    assert torch.equal(torch.rand(3), before)  # the global generator is left as it was
+    assert runs == {here}
+    assert load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS, seed=7).fingerprint != here
+    assert load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS, seed=7).fingerprint == \
+        load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS, seed=7).fingerprint
+    other = {**TINY_KWARGS, "depth": 3}
+    assert load_backbone(TINY_NAME, pretrained=False, model_kwargs=other).fingerprint != here
+
+
 def test_pth_checkpoint_and_dtype(tmp_path, tiny_backbone: Backbone) -> None:
     path = tmp_path / "tiny.pth"
     torch.save({"state_dict": tiny_backbone.model.state_dict()}, path)

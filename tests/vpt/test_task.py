@@ -112,6 +112,7 @@ def test_corrupt_truncated_and_mismatched_files(tiny_backbone: Backbone) -> None
     with pytest.raises(TaskFileError) as err:
         load_task_file(other, tiny_backbone)
     assert err.value.code == "backbone_mismatch" and "fingerprint" in str(err.value)
+    assert "server" not in str(err.value)  # `vpt-serve eval` meets this error offline too
 
 
 def test_file_from_a_different_backbone_is_refused(tiny_vit_file) -> None:
