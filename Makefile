@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve demo test bench lint clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "python3.11 not found; set PYTHON=..."; exit 1; }
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/vpt-serve serve
+
+demo: $(STAMP)
+	$(VENV)/bin/vpt-serve demo demo
 
 test: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is needed by the tests: apt-get install -y redis-server"; exit 1; }

@@ -12,14 +12,33 @@ log = logging.getLogger("vpt-serve")
 
 
 def _settings(args: argparse.Namespace):
-    from server.settings import Settings
+    from pydantic_settings import SettingsError
+
+    from server.settings import Settings, settings_problems
 
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
                  if v is not None}
     try:
         return Settings(**overrides)
-    except ValidationError as e:
-        sys.exit(f"error: invalid_settings: {e}")
+    except (ValidationError, SettingsError) as e:
+        sys.exit(f"error: invalid_settings: {settings_problems(e)}")
+
+
+OFFLINE_HINT = ("hint: the backbone is downloaded from the Hugging Face hub on first start. Offline: "
+                "`vpt-serve demo` builds a demo backbone and prints the settings that serve it (README, "
+                "\"Offline\"); or set VPT_BACKBONE_WEIGHTS to a local checkpoint; or "
+                "VPT_BACKBONE_PRETRAINED=false for seeded random weights")
+
+
+def _startup_code(e: Exception) -> str:
+    from vpt.errors import BackboneError
+
+    return getattr(e, "code", None) or ("backbone_unavailable" if isinstance(e, BackboneError) else "startup_failed")
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 def _setup_logging(level: str) -> None:
@@ -45,19 +64,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from prompt_store.errors import StoreError
     from server.state import AppState
-    from vpt.errors import VPTError
+    from vpt.errors import BackboneError, VPTError
 
     try:  # load before serving, so a missing backbone or store is one clear line, not a traceback
         state = AppState.start(settings)
     except (VPTError, StoreError) as e:
-        print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
-        if "Hub" in str(e) or "hub" in str(e):
-            print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
-                  "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
+        print(f"error: {_startup_code(e)}: {_one_line(e)}", file=sys.stderr)
+        if isinstance(e, BackboneError) and settings.backbone_pretrained and settings.backbone_weights is None:
+            print(OFFLINE_HINT, file=sys.stderr)
         return 2
     try:
         uvicorn.run(create_app(settings, state=state), host=settings.host, port=settings.port,
-                    log_level=settings.log_level, timeout_graceful_shutdown=10)
+                    log_level=settings.log_level, timeout_graceful_shutdown=10,
+                    access_log=False)  # the app logs each request once, with its id (logger vpt.access)
     finally:
         state.close()
     return 0
@@ -113,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_train_commands(sub)
+    from server.cli_demo import add_demo_command
+
+    add_demo_command(sub)
     return ap
 
 
