@@ -94,12 +94,15 @@ def job_fraction(job: Job) -> float:
 
 
 def job_line(job: Job) -> str:
-    """`[#####-------]  42% running  epoch 3/10  loss 0.412  val_acc 0.91  120 img/s  eta 1m05s`."""
+    """`[#####-------]  42% running  run 2/6 (lr 5, wd 0.001)  epoch 3/10  loss 0.412  val_acc 0.91  eta 1m05s`
+    (the run only during a sweep)."""
     frac = job_fraction(job)
     filled = round(frac * BAR_WIDTH)
     parts = [f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {frac * 100:3.0f}%", job.state]
     p = job.progress
     if p is not None:
+        if p.runs is not None and p.runs > 1:
+            parts.append(f"run {p.run}/{p.runs} (lr {cell(p.base_lr)}, wd {cell(p.weight_decay)})")
         if p.epoch is not None:
             parts.append(f"epoch {p.epoch}/{p.epochs if p.epochs is not None else '?'}")
         if p.loss is not None:
@@ -154,7 +157,8 @@ class TrainingBar:
             self._stream.write("\r" + line.ljust(self._width))
             self._width = max(self._width, len(line))
         else:
-            key = (job.state, job.progress.epoch if job.progress else None)
+            key = (job.state, job.progress.run if job.progress else None,
+                   job.progress.epoch if job.progress else None)
             if key == self._last_key:
                 return
             self._last_key = key

@@ -95,6 +95,9 @@ def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
         _emit(args, t, lambda: fmt.details(pairs))
         return 0
     tasks = client.tasks.list()
+    if not tasks and not args.json:
+        _out("no tasks yet: train one with `vpt train TASK DATASET` or import a file with `vpt import TASK FILE`")
+        return 0
     rows = [(t.task_id, t.current_version, t.num_versions, t.method, t.num_prompts, len(t.classes),
              fmt.human_bytes(t.size_bytes), t.updated_at) for t in tasks]
     _emit(args, tasks, lambda: fmt.table(
@@ -144,7 +147,8 @@ def cmd_job(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     job = client.jobs.cancel(args.job_id)
-    _emit(args, job, lambda: f"job {job.job_id} {job.state}")
+    _emit(args, job, lambda: f"job {job.job_id} {job.state}" if job.done
+          else f"job {job.job_id}: cancel requested (it stops at its next training step)")
     return 0
 
 

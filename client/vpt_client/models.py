@@ -55,6 +55,10 @@ class JobProgress(_Model):
     eta_s: float | None = None
     val_acc: float | None = None
     fraction: float | None = None
+    run: int | None = None          # a sweep's run, 1-based, of `runs`
+    runs: int | None = None
+    base_lr: float | None = None    # this run's values
+    weight_decay: float | None = None
 
 
 class JobError(_Model):

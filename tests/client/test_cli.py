@@ -188,3 +188,22 @@ def test_train_has_a_flag_for_every_server_option(server: FakeServer, capsys: py
     assert server.requests[0].form == values
     for flag in ("--augmentation", "--keep", "--mixed-precision", "--workers", "--warmup-epochs"):
         assert flag in argv
+
+
+def test_small_outputs_say_what_happened(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    server.on("GET", "/tasks", reply(200, {"tasks": []}))
+    server.on("POST", "/jobs/j-1/cancel", reply(200, samples.job("running", epoch=2) | {"cancel_requested": True}))
+    code, out, _ = run(server, capsys, "tasks")
+    assert code == 0 and out.startswith("no tasks yet") and "vpt train" in out
+    code, out, _ = run(server, capsys, "cancel", "j-1")
+    assert code == 0 and out == "job j-1: cancel requested (it stops at its next training step)\n"
+
+
+def test_sweep_progress_names_the_run() -> None:
+    from vpt_client import _cli_format as fmt
+    from vpt_client.models import Job
+
+    job = samples.job("running", epoch=2)
+    job["progress"] |= {"run": 2, "runs": 6, "base_lr": 5.0, "weight_decay": 0.001}
+    assert "run 2/6 (lr 5, wd 0.001)" in fmt.job_line(Job.model_validate(job))
+    assert "run " not in fmt.job_line(Job.model_validate(samples.job("running", epoch=2)))
