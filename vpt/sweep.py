@@ -1,6 +1,6 @@
 """A grid search over base learning rate x weight decay, scored on validation accuracy.
 
-`paper` is the official prompt grid (vpt-spec §4.2: 9 base lrs x 4 weight decays, 36 runs).
+`paper` is the official prompt grid (9 base lrs x 4 weight decays, 36 runs).
 `small` keeps 3 x 2 = 6 runs around the values the official demo settled on for VPT-deep on a
 ViT-B/16 (base lr 1.0 with wd 1e-3 for dmlab and eurosat, 25 with 1e-4 for sun397): base lr
 {1, 5, 25} spaces the middle of the paper's range by factors of 5, and prompts (unlike a linear

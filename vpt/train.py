@@ -1,4 +1,4 @@
-"""Training one task on the frozen backbone: the VPT recipe (vpt-spec §4) through the serving path.
+"""Training one task on the frozen backbone: the VPT recipe (Jia et al., ECCV 2022; official code KMnsit/VPT) through the serving path.
 
 Only the task's prompts and head learn. SGD with momentum 0.9, lr = base_lr * batch_size / 256,
 weight decay on prompts and head weight (not the head bias), linear warmup then cosine decay
@@ -40,7 +40,7 @@ class TrainingCancelled(TrainingError):
 
 
 class TrainingDiverged(TrainingError):
-    """The loss became NaN or infinite (the official code aborts too, vpt-spec §4.4)."""
+    """The loss became NaN or infinite (the official code aborts too)."""
 
     code = "training_diverged"
 

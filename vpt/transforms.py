@@ -2,12 +2,12 @@
 
 The eval transform is timm's own (resize by `crop_pct`, centre crop, normalise) and is what the
 server uses for prediction. The training augmentation defaults to the paper's FGVC recipe
-(vpt-spec §4.5), scaled to the input size: Resize(size * 256 / 224, shorter side) ->
+(the official code's FGVC transforms), scaled to the input size: Resize(size * 256 / 224, shorter side) ->
 RandomCrop(size) -> RandomHorizontalFlip -> ToTensor -> Normalize; at 224 that is exactly
 Resize(256) -> RandomCrop(224). The resize uses the backbone's interpolation (the official code
 uses torchvision's default, bilinear).
 
-Normalisation caveat (vpt-spec §5): the official VPT code feeds ImageNet mean/std
+Normalisation caveat: the official VPT code feeds ImageNet mean/std
 (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) even to the in21k ViT-B/16, which was pre-trained on
 inputs scaled to [-1, 1] (timm's config for `orig_in21k` says mean = std = 0.5). We use the
 backbone's config by default; pass `mean=IMAGENET_MEAN, std=IMAGENET_STD` to both transforms to

@@ -33,7 +33,7 @@ def options(**kw) -> TrainOptions:
 def test_presets() -> None:
     paper = sweep_grid("paper")
     assert len(paper) == 36 == len(set(paper))
-    assert {lr for lr, _ in paper} == {50, 25, 10, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1}  # vpt-spec §4.2
+    assert {lr for lr, _ in paper} == {50, 25, 10, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1}  # the paper's grid
     assert {wd for _, wd in paper} == {0.01, 0.001, 0.0001, 0.0}
     assert sorted(sweep_grid("small")) == sorted((lr, wd) for lr in (1.0, 5.0, 25.0) for wd in (1e-3, 1e-4))
     assert set(GRIDS) == {"paper", "small"}

@@ -66,7 +66,7 @@ def test_options_defaults_resolve_like_the_paper() -> None:
     assert TrainOptions(method="vpt-shallow").resolved_prompt_dropout == 0.0
     assert TrainOptions(method="linear", prompt_dropout=0.5).resolved_prompt_dropout == 0.0
     assert TrainOptions(prompt_dropout=0.3).resolved_prompt_dropout == 0.3
-    assert TrainOptions(base_lr=25.0, batch_size=128).lr == 12.5  # the demo's sun397 setting (vpt-spec §6)
+    assert TrainOptions(base_lr=25.0, batch_size=128).lr == 12.5  # the demo's sun397 setting
     assert TrainOptions(method="linear", num_prompts=50).spec(CLASSES).num_prompts == 0
     o = opts(seed=7, prompt_dropout=None)
     assert TrainOptions.from_dict(json.loads(json.dumps(o.to_dict()))) == o
