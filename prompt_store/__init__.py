@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prompt_store.base import Store
 from prompt_store.errors import (
+    ClaimLost,
     InvalidId,
     JobFinished,
     JobNotFound,
@@ -13,6 +14,7 @@ from prompt_store.errors import (
     StoreConflict,
     StoreError,
     StoreUnavailable,
+    TaskFenced,
     TaskNotFound,
     VersionNotFound,
 )
@@ -33,7 +35,7 @@ from prompt_store.records import (
 from prompt_store.redis_store import RedisStore
 
 __all__ = [
-    "JOB_STATES", "TERMINAL_STATES", "ChangeEvent", "Claim", "InvalidId", "JobFinished", "JobNotFound",
+    "JOB_STATES", "TERMINAL_STATES", "ChangeEvent", "Claim", "ClaimLost", "TaskFenced", "InvalidId", "JobFinished", "JobNotFound",
     "JobQueue", "JobRecord", "LocalJobQueue", "LocalStore", "RecordCorrupt", "RedisJobQueue", "RedisStore",
     "Store", "StoreConflict", "StoreError", "StoreUnavailable", "Subscription", "TaskInfo", "TaskNotFound",
     "TaskVersion", "UnsupportedStoreUrl", "VersionNotFound", "apply_job_update", "new_job_id", "open_queue",

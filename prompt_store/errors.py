@@ -42,6 +42,18 @@ class StoreConflict(StoreError):
     code = "conflict"
 
 
+class ClaimLost(StoreConflict):
+    """The worker's claim on a job is no longer current (another claim fenced it, or the job ended)."""
+
+    code = "claim_lost"
+
+
+class TaskFenced(StoreConflict):
+    """The task was deleted after the job was created: the job may not publish into it."""
+
+    code = "task_deleted"
+
+
 class JobFinished(StoreConflict):
     """The job is already in a terminal state (succeeded, failed, cancelled); it cannot change state."""
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 
 from pydantic import ValidationError
@@ -47,32 +49,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.state import AppState
     from vpt.errors import VPTError
 
+    try:  # the port first: a process that cannot serve touches no job and starts no worker
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as e:
+        print(f"error: address_unavailable: cannot bind {settings.host}:{settings.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
     try:  # load before serving, so a missing backbone or store is one clear line, not a traceback
         state = AppState.start(settings)
     except (VPTError, StoreError) as e:
+        sock.close()
         print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
         if "Hub" in str(e) or "hub" in str(e):
             print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
                   "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
         return 2
+    config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
+                            timeout_graceful_shutdown=10)
+    clean = False
     try:
-        uvicorn.run(create_app(settings, state=state), host=settings.host, port=settings.port,
-                    log_level=settings.log_level, timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run(sockets=[sock])  # returns on SIGINT/SIGTERM once requests drained
     finally:
-        state.close()
+        clean = state.close()  # workers stop at their next step and hand their jobs back
+        sock.close()
+    if not clean:  # a training thread did not stop within the grace period: its job was handed back
+        logging.shutdown()
+        os._exit(0)
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (OSError if taken), handed to uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A training worker on the shared store's durable queue (distributed mode)."""
-    from prompt_store.factory import open_queue, open_store
-    from server.state import build_backbone, build_worker
+    from prompt_store.factory import open_store
+    from server.state import build_backbone, build_worker, open_job_queue
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     backbone = build_backbone(settings)
     store = open_store(settings.store)
-    queue = open_queue(store)
+    queue = open_job_queue(settings, store)
     worker = build_worker(settings, store, queue, backbone, name=args.name)
     def _stop(*_: object) -> None:
         worker.stop()

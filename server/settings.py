@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     data_dir: Path | None = None              # uploaded datasets; default <store>/uploads or ./var/uploads
     workers: int | None = None                # in-process training workers; default 1 (file store), 0 (redis)
     job_heartbeat_s: float = 10.0
-    job_stale_s: float = 120.0                # a claimed job silent this long is recovered by another worker
+    job_stale_s: float = Field(120.0, gt=0)   # a claimed job silent this long is recovered by another worker
+    job_max_claims: int = Field(3, ge=1)      # a job claimed this often without finishing fails (worker_lost)
+    shutdown_grace_s: float = Field(20.0, gt=0)  # on SIGINT/SIGTERM: time for training to stop and hand back
 
     # serving
     max_batch_size: int = Field(32, ge=1, le=4096)
