@@ -17,9 +17,7 @@ from prompt_store import (
     JobFinished,
     JobQueue,
     JobRecord,
-    LocalStore,
     RedisStore,
-    StoreConflict,
     open_queue,
     request_cancel,
 )

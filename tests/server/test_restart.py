@@ -2,7 +2,6 @@
 recovered once its worker heartbeat is stale (re-queued and run again), never failed at startup."""
 from __future__ import annotations
 
-
 import httpx
 
 from tests.fixtures.digits import make_digits_zip
