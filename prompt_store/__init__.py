@@ -22,7 +22,7 @@ from prompt_store.events import Subscription
 from prompt_store.factory import UnsupportedStoreUrl, open_queue, open_store
 from prompt_store.ids import new_job_id, validate_id
 from prompt_store.local import LocalStore
-from prompt_store.queue import Claim, JobQueue, LocalJobQueue, RedisJobQueue, request_cancel
+from prompt_store.queue import Claim, JobQueue, LocalJobQueue, request_cancel
 from prompt_store.records import (
     JOB_STATES,
     TERMINAL_STATES,
@@ -32,6 +32,7 @@ from prompt_store.records import (
     TaskVersion,
     apply_job_update,
 )
+from prompt_store.redis_queue import RedisJobQueue
 from prompt_store.redis_store import RedisStore
 
 __all__ = [

@@ -66,6 +66,20 @@ class StoreUnavailable(StoreError):
     code = "store_unavailable"
 
 
+class StoreFull(StoreUnavailable):
+    """The store's disk is full or read-only (ENOSPC, EDQUOT, EROFS); nothing was half-written."""
+
+    code = "insufficient_storage"
+
+
+DISK_FULL_ERRNOS = frozenset({28, 122, 30})  # ENOSPC, EDQUOT, EROFS
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that means "no space (or no write access) on this filesystem"."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
 class BankFull(StoreError):
     """Every bank slot is pinned by in-flight batches: retrying later can succeed."""
 

@@ -7,7 +7,8 @@ from urllib.parse import unquote, urlparse
 from prompt_store.base import Store
 from prompt_store.errors import StoreError
 from prompt_store.local import LocalStore
-from prompt_store.queue import JobQueue, LocalJobQueue, RedisJobQueue
+from prompt_store.queue import JobQueue, LocalJobQueue
+from prompt_store.redis_queue import RedisJobQueue
 from prompt_store.redis_store import RedisStore
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")

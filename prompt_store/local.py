@@ -30,13 +30,22 @@ from filelock import FileLock, Timeout
 from prompt_store.base import Store, check_put, new_version, verify_blob
 from prompt_store.errors import (
     RecordCorrupt,
+    StoreFull,
     StoreUnavailable,
     TaskNotFound,
     VersionNotFound,
+    is_disk_full,
 )
 from prompt_store.events import EventHub, FileEventLog, Subscription
 from prompt_store.ids import LocalPaths, validate_id, validate_version
-from prompt_store.local_files import _atomic_write, _fsync_dir, _id_entries, _json_bytes, _read_json
+from prompt_store.local_files import (
+    _atomic_write,
+    _fsync_dir,
+    _id_entries,
+    _json_bytes,
+    _read_json,
+    remove_old_temp_files,
+)
 from prompt_store.local_jobs import LocalJobsMixin
 from prompt_store.records import ChangeEvent, TaskInfo, TaskVersion
 
@@ -98,7 +107,8 @@ class LocalStore(LocalJobsMixin, Store):
         try:
             yield
         except OSError as exc:
-            raise StoreUnavailable(f"store directory {self.root}: {exc}") from exc
+            kind = StoreFull if is_disk_full(exc) else StoreUnavailable
+            raise kind(f"store directory {self.root}: {exc}") from exc
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -314,6 +324,16 @@ class LocalStore(LocalJobsMixin, Store):
         return sub
 
     # ---- lifecycle
+    def sweep_temp(self, min_age_s: float = 60.0) -> int:
+        """Remove temp files older than `min_age_s` and the trash a killed delete left; returns a count."""
+        with self._io():
+            removed = remove_old_temp_files(self.root, min_age_s)
+            for doomed in self.paths.trash.iterdir():
+                if time.time() - doomed.stat().st_mtime >= min_age_s:
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    removed += 1
+        return removed
+
     def ping(self) -> None:
         with self._io():
             os.stat(self.paths.tenants_dir)

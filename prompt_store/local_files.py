@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,3 +69,19 @@ def _id_entries(directory: Path, suffix: str = "") -> list[str]:
         if ID_PATTERN.fullmatch(stem) and stem not in (".", ".."):
             out.append(stem)
     return sorted(out)
+
+
+def remove_old_temp_files(root: Path, min_age_s: float) -> int:
+    """Temp files of atomic writes under `root` older than `min_age_s` (what a killed write left)."""
+    now, removed = time.time(), 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.startswith(TMP_PREFIX):
+                path = Path(dirpath) / name
+                try:
+                    if now - path.stat().st_mtime >= min_age_s:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+    return removed

@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
         return 2
     config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, limit_concurrency=settings.max_connections)
     clean = False
     try:
         uvicorn.Server(config).run(sockets=[sock])  # returns on SIGINT/SIGTERM once requests drained

@@ -26,6 +26,7 @@ from prompt_store.errors import ClaimLost, JobFinished, StoreConflict, StoreErro
 from prompt_store.ids import new_job_id
 from prompt_store.queue import Claim, JobQueue, request_cancel
 from prompt_store.records import JobRecord
+from server.cleanup import sweep
 from server.errors import ApiError
 from vpt.backbone import Backbone
 from vpt.data.errors import DatasetError
@@ -42,9 +43,28 @@ ACTIVE = {"queued", "running"}
 class JobService:
     """What the HTTP routes do with jobs."""
 
-    def __init__(self, store: Store, queue: JobQueue, uploads_dir: Path, work_dir: Path | None = None) -> None:
+    def __init__(self, store: Store, queue: JobQueue, uploads_dir: Path, work_dir: Path | None = None,
+                 max_active_jobs: int | None = None, max_pending_bytes: int | None = None) -> None:
         self.store, self.queue = store, queue
         self.uploads_dir, self.work_dir = uploads_dir, work_dir
+        self.max_active_jobs, self.max_pending_bytes = max_active_jobs, max_pending_bytes
+
+    def check_quota(self, tenant: str, upload_bytes: int) -> None:
+        """429 when the tenant already has `max_active_jobs` queued or running jobs, or when their
+        uploads plus this one would exceed `max_pending_bytes`."""
+        active = [j for j in self.store.list_jobs(tenant) if j.state in ACTIVE]
+        if self.max_active_jobs is not None and len(active) >= self.max_active_jobs:
+            raise ApiError(429, "too_many_jobs",
+                           f"this tenant already has {len(active)} queued or running jobs "
+                           f"(limit {self.max_active_jobs}); wait for one to finish",
+                           headers={"Retry-After": "30"})
+        if self.max_pending_bytes is not None:
+            pending = sum(_size(j.dataset_path) for j in active)
+            if pending + upload_bytes > self.max_pending_bytes:
+                raise ApiError(429, "too_much_pending_data",
+                               f"this tenant's queued uploads ({pending} bytes) plus this one ({upload_bytes}) "
+                               f"exceed {self.max_pending_bytes} bytes; wait for a job to finish",
+                               headers={"Retry-After": "30"})
 
     def submit(self, tenant: str, task_id: str, upload: Path, suffix: str, options: TrainOptions) -> JobRecord:
         """Queue a training job for `task_id`; 409 while another is queued or running for it."""
@@ -53,6 +73,7 @@ class JobService:
         if not self.queue.try_lock_task(tenant, task_id, guard, ttl_s=30):
             raise ApiError(409, "training_in_progress", f"a training job for task {task_id!r} is being submitted")
         try:
+            self.check_quota(tenant, _size(str(upload)))
             active = [j for j in self.store.list_jobs(tenant, task_id) if j.state in ACTIVE]
             if active:
                 raise ApiError(409, "training_in_progress",
@@ -95,6 +116,13 @@ class JobService:
         return job
 
 
+def _size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:
+        return 0
+
+
 @dataclass
 class Outcome:
     """What a claim ends with: a terminal state (`succeeded` carries `blob` to publish) or `queued`."""
@@ -115,10 +143,12 @@ class TrainingWorker:
 
     def __init__(self, store: Store, queue: JobQueue, backbone: Backbone, *, work_dir: Path,
                  limits: IngestLimits | None = None, heartbeat_s: float = 10.0, stale_s: float = 120.0,
-                 name: str | None = None, max_deliveries: int = 3, uploads_dir: Path | None = None) -> None:
+                 name: str | None = None, max_deliveries: int = 3, uploads_dir: Path | None = None,
+                 sweep_s: float = 300.0) -> None:
         self.store, self.queue, self.backbone = store, queue, backbone
         self.work_dir, self.limits, self.uploads_dir = work_dir, limits or IngestLimits(), uploads_dir
         self.heartbeat_s, self.stale_s, self.max_deliveries = heartbeat_s, stale_s, max_deliveries
+        self.sweep_s = sweep_s
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self.current: Claim | None = None  # the claim being processed
@@ -146,9 +176,12 @@ class TrainingWorker:
 
     def run_forever(self) -> None:
         log.info("training worker %s started", self.name)
-        last_recover = 0.0
+        last_recover = last_sweep = 0.0
         while not self._stop.is_set():
             try:
+                if self.uploads_dir is not None and time.monotonic() - last_sweep > self.sweep_s:
+                    last_sweep = time.monotonic()
+                    sweep(self.store, self.uploads_dir, self.work_dir)
                 claim = None
                 if time.monotonic() - last_recover > min(self.stale_s / 4, 30):
                     last_recover = time.monotonic()

@@ -51,7 +51,8 @@ def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Ba
                           max_classes=settings.max_task_classes)
     return TrainingWorker(store, queue, backbone, work_dir=work_dir(settings), limits=limits,
                           heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s, name=name,
-                          max_deliveries=settings.job_max_claims, uploads_dir=settings.uploads_dir.resolve())
+                          max_deliveries=settings.job_max_claims, uploads_dir=settings.uploads_dir.resolve(),
+                          sweep_s=settings.job_sweep_s)
 
 
 def work_dir(settings: Settings) -> Path:
@@ -92,9 +93,10 @@ class AppState:
         decoder = ImageDecoder(eval_transform(backbone.data_config), settings.max_image_pixels)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
+        jobs = JobService(store, queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,
+                          settings.max_pending_bytes_per_tenant)
         state = cls(settings=settings, keyring=keyring, backbone=backbone, store=store, queue=queue, bank=bank,
-                    batcher=batcher, decoder=decoder, jobs=JobService(store, queue, uploads, work_dir(settings)),
-                    metrics=metrics)
+                    batcher=batcher, decoder=decoder, jobs=jobs, metrics=metrics)
         metrics.attach(bank, state.job_counts)
         batcher.start()
         if settings.training_workers > 0:  # recovery is by heartbeat (JobQueue.reap), never at startup
