@@ -119,13 +119,11 @@ class LocalJobsMixin:
         return sorted(out, key=lambda j: (j.created_at, j.job_id))
 
     # ---- the queue: claim the next queued job, round-robin across tenants
-    def has_queued_hint(self) -> bool:
-        """Cheap check (no lock, no record read) whether any tenant has an active job marker."""
-        with self._io():
-            return any(_id_entries(self.paths.active_dir(t)) for t in _id_entries(self.paths.tenants_dir))
-
     def claim_next_job(self, worker: str, stale_s: float) -> JobRecord | None:
         """Claim the oldest queued job of the next tenant after the one served last; None if none."""
+        tenants = _id_entries(self.paths.tenants_dir)
+        if not any(j.state == "queued" for t in tenants for j in self._active_jobs(t)):
+            return None  # the common idle case: no write lock taken
         with self._writing():
             queued: dict[str, JobRecord] = {}
             for tenant in _id_entries(self.paths.tenants_dir):

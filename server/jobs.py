@@ -211,7 +211,7 @@ class TrainingWorker:
             log.warning("job %s: claim %d lost (%s); dropping this delivery's work", job.job_id, claim.token, e)
             return
         except JobFinished:  # ended meanwhile (e.g. cancelled after its worker went silent)
-            self._cleanup(job, terminal=True)
+            remove_job_files(job, self.work_dir, self.uploads_dir)
             self.queue.ack(claim)
             return
         finally:
@@ -248,11 +248,7 @@ class TrainingWorker:
                                       error={"code": "task_deleted", "message": str(e)})
         else:
             self.store.finish_job(job.tenant, job.job_id, claim.token, outcome.state, **outcome.fields)
-        self._cleanup(job, terminal=True)
-
-    def _cleanup(self, job: JobRecord, terminal: bool) -> None:
-        if terminal:
-            remove_job_files(job, self.work_dir, self.uploads_dir)
+        remove_job_files(job, self.work_dir, self.uploads_dir)
 
     def _published_version(self, job: JobRecord) -> int | None:
         """The version an earlier delivery of `job` published (it died before recording success)."""
