@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from prompt_store import claims
 from prompt_store.errors import JobFinished, JobNotFound, StoreConflict
 from prompt_store.ids import RedisKeys, validate_id
 from prompt_store.queue import Claim, JobQueue
@@ -210,10 +211,25 @@ class RedisJobQueue(JobQueue):
 
     @translated
     def requeue(self, claim: Claim) -> JobRecord:
-        job = self.store.finish_job(claim.tenant, claim.job_id, claim.token, "queued")
-        self.enqueue(claim.tenant, claim.job_id)
-        self.ack(claim)
-        return job
+        """The record back to `queued`, a new delivery, and the old one acknowledged: one MULTI/EXEC."""
+        store: RedisStore = self.store  # type: ignore[assignment]
+        key, stream = store.keys.job(claim.tenant, claim.job_id), self._ensure_group(claim.tenant)
+
+        def body(pipe: redis.client.Pipeline) -> JobRecord:
+            pipe.watch(key)
+            raw = pipe.get(key)
+            if raw is None:
+                raise JobNotFound(f"job {claim.job_id!r} not found")
+            job = claims.outcome_update(JobRecord.from_json(raw), claim.token, "queued", {})
+            pipe.multi()
+            pipe.set(key, job.to_json())
+            pipe.xadd(stream, {"tenant": claim.tenant, "job_id": claim.job_id})
+            pipe.xack(stream, self.group, claim.message_id)
+            pipe.xdel(stream, claim.message_id)
+            pipe.execute()
+            return job
+
+        return store._optimistic(body)
 
     @translated
     def _covered(self, job: JobRecord) -> bool:

@@ -29,41 +29,24 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.frontend.app import create_app
-    from server.frontend.auth import AuthConfigError, load_keyring
-
     settings = _settings(args)
     _setup_logging(settings.log_level)
-    try:
-        keyring = load_keyring(settings.api_keys, settings.api_keys_file)
-    except AuthConfigError as e:
-        print(f"error: invalid_api_keys: {e}", file=sys.stderr)
+    if not _bind_allowed(settings):
         return 2
-    if not keyring.enabled and not settings.bind_is_loopback() and not settings.allow_unauthenticated:
-        print(f"error: refusing to bind {settings.host} without API keys: set VPT_API_KEYS (or "
-              "VPT_API_KEYS_FILE), bind 127.0.0.1, or set VPT_ALLOW_UNAUTHENTICATED=1", file=sys.stderr)
-        return 2
-    from prompt_store.errors import StoreError
-    from server.state import AppState
-    from vpt.errors import VPTError
-
-    try:  # the port first: a process that cannot serve touches no job and starts no worker
+    try:  # the port first: a process that cannot serve loads nothing, touches no job, starts no worker
         sock = bind_socket(settings.host, settings.port)
     except OSError as e:
         print(f"error: address_unavailable: cannot bind {settings.host}:{settings.port}: {e.strerror or e}",
               file=sys.stderr)
         return 2
-    try:  # load before serving, so a missing backbone or store is one clear line, not a traceback
-        state = AppState.start(settings)
-    except (VPTError, StoreError) as e:
+    state = _start_state(settings)
+    if state is None:
         sock.close()
-        print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
-        if "Hub" in str(e) or "hub" in str(e):
-            print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
-                  "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
         return 2
+    import uvicorn
+
+    from server.frontend.app import create_app
+
     config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
                             timeout_graceful_shutdown=10, limit_concurrency=settings.max_connections)
     clean = False
@@ -76,6 +59,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+def _bind_allowed(settings) -> bool:
+    from server.frontend.auth import AuthConfigError, load_keyring
+
+    try:
+        keyring = load_keyring(settings.api_keys, settings.api_keys_file)
+    except AuthConfigError as e:
+        print(f"error: invalid_api_keys: {e}", file=sys.stderr)
+        return False
+    if not keyring.enabled and not settings.bind_is_loopback() and not settings.allow_unauthenticated:
+        print(f"error: refusing to bind {settings.host} without API keys: set VPT_API_KEYS (or "
+              "VPT_API_KEYS_FILE), bind 127.0.0.1, or set VPT_ALLOW_UNAUTHENTICATED=1", file=sys.stderr)
+        return False
+    return True
+
+
+def _start_state(settings):
+    """Load before serving, so a missing backbone or store is one clear line, not a traceback."""
+    from prompt_store.errors import StoreError
+    from server.state import AppState
+    from vpt.errors import VPTError
+
+    try:
+        return AppState.start(settings)
+    except (VPTError, StoreError) as e:
+        print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
+        if "Hub" in str(e) or "hub" in str(e):
+            print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
+                  "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
+        return None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -104,6 +104,18 @@ def test_heartbeats_keep_a_job_from_being_recovered(queue: JobQueue) -> None:
     assert queue.store.get_job("t1", "job-1").progress == {"step": 1}
 
 
+def test_a_requeued_job_is_claimed_again_under_a_new_token(queue: JobQueue) -> None:
+    """What a worker does on shutdown: hand the job back; the old claim is fenced."""
+    queue.submit(_job("t1", "job-1"))
+    first = queue.claim("w1", timeout_s=1)
+    assert queue.requeue(first).state == "queued"
+    assert queue.stats() == {"waiting": 1, "claimed": 0}
+    second = queue.claim("w2", timeout_s=1)
+    assert (second.job_id, second.token) == ("job-1", 2)
+    with pytest.raises(ClaimLost):
+        queue.heartbeat(first)
+
+
 def test_publish_is_fenced_atomic_and_idempotent(queue: JobQueue) -> None:
     store = queue.store
     queue.submit(_job("t1", "job-1"))
