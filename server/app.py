@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.console import routes as console
 from server.errors import install_handlers
 from server.routes import jobs, predict, system, tasks
 from server.settings import Settings
@@ -128,7 +129,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                   description="Many image classifiers on one frozen ViT with Visual Prompt Tuning. "
                               "Errors are `{\"error\": {\"code\", \"message\"}}`.")
     install_handlers(app)
-    for module in (tasks, jobs, predict, system):
+    for module in (tasks, jobs, predict, system, console):
         app.include_router(module.router)
     app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
     return app
