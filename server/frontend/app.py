@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.console import routes as console
 from server.errors import install_handlers
-from server.routes import jobs, predict, system, tasks
+from server.frontend.routes import jobs, predict, system, tasks
 from server.settings import Settings
 from server.state import AppState
 
