@@ -68,13 +68,20 @@ def login(tab: Tab, key: str) -> None:
 
 
 def test_console_tour(browser, start_server, tmp_path: Path, tiny_vit_file: Path) -> None:
-    server = start_server(env={"VPT_API_KEYS": f"alice:{ALICE},bob:{BOB}"})
-    api = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
     shots = tmp_path / "screens"
     shots.mkdir()
+    tab = Tab(browser, start_server(env={"VPT_API_KEYS": f"alice:{ALICE},bob:{BOB}"}).base_url, shots)
+    try:
+        tour(tab, tmp_path, tiny_vit_file)
+    except Exception:
+        tab.shot("failure")  # what the page showed when the tour broke
+        raise
+
+
+def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
+    api = httpx.Client(base_url=tab.base, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
     folder = make_digits_tree(tmp_path / "digits", classes=range(4), per_class=PER_CLASS, layout="split",
                               val_per_class=VAL_PER_CLASS, names=NAMES)
-    tab = Tab(browser, server.base_url, shots)
 
     # log in: a wrong key shows the server's message; the right one lands on the (empty) task list
     tab.go("/tasks")
@@ -89,7 +96,8 @@ def test_console_tour(browser, start_server, tmp_path: Path, tiny_vit_file: Path
 
     # a long job of another task keeps the worker busy, so the console's job is seen queued, then live
     blocker = api.post("/tasks/blocker/train", files={"dataset": ("d.zip", make_digits_zip(
-        tmp_path / "b.zip", classes=range(2), per_class=8).read_bytes())}, data={"epochs": "500"}).json()
+        tmp_path / "b.zip", classes=range(2), per_class=8).read_bytes())},
+        data={"epochs": "10000", "batch_size": "1"}).json()  # 140,000 steps: it is cancelled long before
     wait_job(api, blocker["job_id"], lambda j: j["state"] == "running")
 
     # train from the Train page: a folder, zipped in the browser; options from the server's schema
@@ -106,15 +114,15 @@ def test_console_tour(browser, start_server, tmp_path: Path, tiny_vit_file: Path
     tab.page.click("#train-form button[type=submit]")
     tab.page.wait_for_url("**/console#/job/*")
     job_id = tab.page.url.rsplit("/", 1)[1]
-    tab.page.wait_for_selector("#job-state:text('queued')")
+    tab.page.wait_for_selector("#job-state:has-text('queued')")
     tab.page.evaluate("""() => { window.seen = [];
         new MutationObserver(() => window.seen.push([document.querySelector('#job-state').innerText,
             document.querySelector('#job-epoch').innerText]))
           .observe(document.querySelector('#job-facts'), {subtree: true, childList: true, characterData: true}); }""")
     assert api.post(f"/jobs/{blocker['job_id']}/cancel").status_code == 200
-    tab.page.wait_for_selector("#job-state:text('running')", timeout=120_000)
+    tab.page.wait_for_selector("#job-state:has-text('running')", timeout=120_000)
     tab.shot("job")
-    tab.page.wait_for_selector("#job-outcome:text('Finished')", timeout=300_000)
+    tab.page.wait_for_selector("#job-outcome:has-text('Finished')", timeout=300_000)
     seen = tab.page.evaluate("window.seen")
     assert ["succeeded", "6 / 6"] in seen and any(s == "running" for s, _ in seen)  # updated live, no reload
     assert tab.text("#job-live") == "finished" and tab.page.url.endswith(job_id)
@@ -125,19 +133,19 @@ def test_console_tour(browser, start_server, tmp_path: Path, tiny_vit_file: Path
     assert tab.page.locator("#curves figure").count() == 3
     assert tab.page.locator("#curves figure").first.locator("circle").count() >= 6  # one point per epoch
     heat = tab.page.locator("figure.heatmap")
-    assert heat.locator("text.cls-row").all_text_contents() == list(NAMES.values())
+    assert heat.locator("text.cls-row").all_text_contents() == sorted(NAMES.values())
     assert heat.locator("rect.cell").count() == 16
     n_val = len(NAMES) * VAL_PER_CLASS
     maps = tab.page.locator("#feature-map figure")
     assert maps.count() == 2 and all(maps.nth(i).locator("circle").count() == n_val for i in range(2))
     assert "silhouette" in maps.nth(0).inner_text() and "silhouette" in maps.nth(1).inner_text()
-    assert [t.strip() for t in tab.page.locator("ul.legend li").all_inner_texts()] == list(NAMES.values())
+    assert [t.strip() for t in tab.page.locator("ul.legend li").all_inner_texts()] == sorted(NAMES.values())
 
     # try an image: top-k bars and the version that answered
     img = tmp_path / "two.png"
     img.write_bytes(digit_png(2, index=PER_CLASS + 3))
     tab.page.set_input_files("#try-file", str(img))
-    tab.page.wait_for_selector("#prediction:text('answered by version 1')")
+    tab.page.wait_for_selector("#prediction:has-text('answered by version 1')")
     bars = tab.page.locator("#prediction figure text.tick:not(.value)").all_text_contents()
     assert len(bars) == 4 and set(bars) == set(NAMES.values())
     tab.shot("task")
@@ -152,7 +160,7 @@ def test_console_tour(browser, start_server, tmp_path: Path, tiny_vit_file: Path
     tab.page.click("button:text('Activate v1')")
     tab.page.wait_for_selector("dialog.confirm")
     tab.page.click("dialog.confirm button[value=ok]")
-    tab.page.wait_for_selector("#task-status:text('Version 1 is now current')")
+    tab.page.wait_for_selector("#task-status:has-text('Version 1 is now current')")
     assert api.get("/tasks/digits").json()["current_version"] == 1
 
     # the other pages (the cancelled blocker published nothing; one more task to search among)

@@ -43,7 +43,9 @@ export function lineChart({ title, xs, series, xLabel = "epoch", yMin, yMax, for
       s("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }),
       s("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "axis-label" }, xLabel),
       lines),
-    h("figcaption", {}, title));
+    h("figcaption", {}, title, series.length > 1 ? series.map((d) => h("span", { class: "key" },
+      s("svg", { width: 10, height: 10, "aria-hidden": "true" }, s("rect", { width: 10, height: 10, fill: d.color || TABLEAU[0] })),
+      ` ${d.name}`)) : null));
 }
 
 // A confusion matrix: rows are true classes, columns predictions; colour = share of the row.

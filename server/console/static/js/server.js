@@ -25,7 +25,7 @@ function metricsView(samples) {
   const one = (name) => samples.find((x) => x.name === name)?.value;
   const buckets = samples.filter((x) => x.name === "vpt_batch_images_bucket").map((x) => [x.labels.le, x.value]);
   const count = one("vpt_batch_images_count") || 0;
-  const items = buckets.map(([le, cum], i) => ({ label: le === "+Inf" ? `> ${buckets[i - 1]?.[0] ?? 0}` : `≤ ${le}`,
+  const items = buckets.map(([le, cum], i) => ({ label: le === "+Inf" ? `> ${Number(buckets[i - 1]?.[0] ?? 0)}` : `≤ ${Number(le)}`,
     value: count ? (cum - (i ? buckets[i - 1][1] : 0)) / count : 0 }));
   const jobs = samples.filter((x) => x.name === "vpt_jobs").map((x) => `${x.labels.state} ${x.value}`).join(", ") || "–";
   return h("div", { id: "server-metrics" },
