@@ -42,7 +42,7 @@ def photos(n: int, seed: int = 0) -> list[bytes]:
 
 def preprocessed(bb, files: list[bytes]) -> np.ndarray:
     """(N, 3, H, W) float32 exactly as the server would preprocess the files."""
-    from server.images import ImageDecoder
+    from server.frontend.images import ImageDecoder
 
     decoder = ImageDecoder(eval_transform(bb.data_config), max_pixels=10**8)
     try:

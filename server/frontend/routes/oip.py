@@ -17,9 +17,9 @@ from torch import Tensor
 
 from prompt_store.ids import validate_id
 from prompt_store.records import TaskVersion
-from server.deps import State, Tenant
 from server.errors import ApiError
-from server.routes.oip_tensors import (
+from server.frontend.deps import State, Tenant
+from server.frontend.routes.oip_tensors import (
     HEADER_LENGTH,
     IMAGE_BYTES,
     IMAGES,
@@ -31,8 +31,8 @@ from server.routes.oip_tensors import (
     encode_response,
     parse_request,
 )
-from server.routes.predict import classify
-from server.routes.system import readiness
+from server.frontend.routes.predict import classify
+from server.frontend.routes.system import readiness
 from server.state import AppState
 
 router = APIRouter(tags=["open inference protocol"])

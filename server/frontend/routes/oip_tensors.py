@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import ApiError
-from server.schemas import safe_text
+from server.frontend.schemas import safe_text
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGES = "images"                     # preprocessed (N, 3, H, W): FP32/FP16 normalised, or UINT8 pixels

@@ -9,10 +9,10 @@ from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from prompt_store.ids import validate_id
-from server.batcher import Outcome
-from server.deps import State, Tenant
+from server.engine.batcher import Outcome
 from server.errors import ApiError
-from server.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
+from server.frontend.deps import State, Tenant
+from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 from server.state import AppState
 
 router = APIRouter(tags=["predict"])
