@@ -179,6 +179,7 @@ def test_route_auth_and_tenancy_errors(oip_server: OipServer) -> None:
     assert_protocol_error(a.post("/v2/models/bad%20id/infer", content=ok), 400, "")
     assert_protocol_error(a.post("/v2/models/rand/versions/x/infer", content=ok), 400, "positive integer")
     assert_protocol_error(a.post("/v2/models/rand/versions/0/infer", content=ok), 400, "positive integer")
+    assert_protocol_error(a.get("/v2/models/rand/versions/%C2%B2/ready"), 400, "positive integer")  # a digit
     assert_protocol_error(a.get("/v2/models/rand/versions/99"), 404, "no version 99")
     assert_protocol_error(a.get("/v2/models/rand/nothing"), 404, "")
     assert_protocol_error(a.get(INFER), 405, "")

@@ -71,7 +71,7 @@ def ready(state: State) -> dict:
 
 
 def _version_number(version: str) -> int:
-    if not version.isdigit() or len(version) > 18 or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
         raise ApiError(400, "bad_request", f"model version must be a positive integer, got {version[:24]!r}")
     return int(version)
 
@@ -103,7 +103,7 @@ def _metadata(state: AppState, tenant: str, task: str, version: str | None) -> d
 def _classes(record: TaskVersion) -> list:
     try:
         classes = json.loads(record.metadata.get("classes", "[]"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     return classes if isinstance(classes, list) else []
 
