@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from prompt_store.errors import StoreError
-from server.frontend.deps import State, Tenant, is_loopback, presented_key
 from server.errors import ApiError
+from server.frontend.deps import State, Tenant, is_loopback, presented_key
 from server.frontend.schemas import BackboneOut
 from server.state import AppState
 
@@ -29,23 +29,30 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(request: Request, state: State) -> JSONResponse:
-    """Backbone loaded, store reachable, batcher running, enough free disk; 503 `not_ready` otherwise.
-    Details (paths, store messages, free bytes) only go to loopback or authenticated callers."""
+def readiness(state: AppState, details: bool = False) -> dict[str, str]:
+    """Each check's state: "ok" or why not (backbone loaded, batcher running, store reachable, enough
+    free disk). With `details`, the reasons (paths, store messages): only for trusted callers."""
     checks = {"backbone": "ok", "batcher": "ok" if state.batcher._thread.is_alive() else "stopped"}
-    details: dict[str, str] = {}
+    reasons: dict[str, str] = {}
     try:
         state.store.ping()
         checks["store"] = "ok"
     except StoreError as e:
-        checks["store"], details["store"] = "unavailable", str(e)
+        checks["store"], reasons["store"] = "unavailable", str(e)
     low = low_disk(state)
     checks["disk"] = "low" if low else "ok"
     if low:
-        details["disk"] = low
-    if _may_see_details(request, state):
-        checks = {k: f"{v}: {details[k]}" if k in details else v for k, v in checks.items()}
+        reasons["disk"] = low
+    if details:
+        checks = {k: f"{v}: {reasons[k]}" if k in reasons else v for k, v in checks.items()}
+    return checks
+
+
+@router.get("/readyz")
+def readyz(request: Request, state: State) -> JSONResponse:
+    """Backbone loaded, store reachable, batcher running, enough free disk; 503 `not_ready` otherwise.
+    Details (paths, store messages, free bytes) only go to loopback or authenticated callers."""
+    checks = readiness(state, details=_may_see_details(request, state))
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse({"error": {"code": "not_ready", "message": "not ready", "details": checks}},
