@@ -9,14 +9,10 @@ from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from prompt_store.ids import validate_id
-<<<<<<< HEAD
-from server.frontend.deps import State, Tenant
-from server.frontend.forms import parse_form
-=======
 from server.engine.batcher import Outcome
->>>>>>> main
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
+from server.frontend.forms import parse_form
 from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 from server.state import AppState
 
