@@ -18,6 +18,7 @@ import torch
 
 from vpt.backbone import Backbone
 from vpt.data import ImageDataset, IngestedDataset, IngestLimits, Sample, ingest_archive, split_dataset
+from vpt.feature_map import safe_feature_map
 from vpt.metrics import ClassificationReport
 from vpt.sweep import run_sweep
 from vpt.task import TaskParams, TaskSpec, save_task_file
@@ -104,6 +105,9 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
         report = evaluate(backbone, outcome.params, val_set, dataset.classes, outcome.options, should_cancel)
     metrics = training_metrics(outcome, report, time.perf_counter() - started)
     metrics["sweep"] = sweep.to_dict() if sweep is not None else None
+    if val_set is not None:
+        metrics["feature_map"] = safe_feature_map(backbone, outcome.params, val_set, dataset.classes,
+                                                  seed=options.seed, should_cancel=should_cancel)
     metadata = {"metrics": metrics, "training": recipe(outcome.options, backbone),
                 "dataset": split_summary(dataset, train, val), **(extra or {})}
     check_cancel(should_cancel)
