@@ -32,6 +32,7 @@ from vpt.backbone import Backbone
 from vpt.data.errors import DatasetError
 from vpt.data.limits import IngestLimits
 from vpt.errors import VPTError
+from vpt.priority import PriorityGate
 from vpt.task import read_metadata
 from vpt.train import TrainingCancelled, TrainingError, TrainOptions
 
@@ -144,12 +145,13 @@ class TrainingWorker:
     def __init__(self, store: Store, queue: JobQueue, backbone: Backbone, *, work_dir: Path,
                  limits: IngestLimits | None = None, heartbeat_s: float = 10.0, stale_s: float = 120.0,
                  name: str | None = None, max_deliveries: int = 3, uploads_dir: Path | None = None,
-                 sweep_s: float = 300.0) -> None:
+                 sweep_s: float = 300.0, gate: PriorityGate | None = None) -> None:
         self.store, self.queue, self.backbone = store, queue, backbone
         self.work_dir, self.limits, self.uploads_dir = work_dir, limits or IngestLimits(), uploads_dir
         self.heartbeat_s, self.stale_s, self.max_deliveries = heartbeat_s, stale_s, max_deliveries
         self.sweep_s = sweep_s
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.gate = gate  # each training step passes it: serving first on a shared device
         self._stop = threading.Event()
         self.current: Claim | None = None  # the claim being processed
 
@@ -269,7 +271,8 @@ class TrainingWorker:
             result = train_task_from_archive(
                 Path(job.dataset_path or ""), attempt, self.backbone, options, self.limits,
                 on_progress=beat.progress, should_cancel=beat.should_stop,
-                extra={"job_id": job.job_id, "task_id": job.task_id})
+                extra={"job_id": job.job_id, "task_id": job.task_id},
+                step_gate=self.gate.training if self.gate is not None else None)
             beat.stop()
             beat.check()
             if self.store.get_job(job.tenant, job.job_id).cancel_requested:  # e.g. the task was deleted
