@@ -13,7 +13,7 @@ from tests.fixtures.digits import make_digits_zip
 from tests.fixtures.live_server import ServerProcess
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.server.helpers import finished, wait_job
-from vpt.options import TrainOptions, form_schema
+from vpt.options import TrainOptions, form_schema, from_form
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def non_defaults() -> dict[str, str]:
             values[name] = str(prop.get("default", 0) + 1)
         elif prop["type"] == "number":
             values[name] = str(prop.get("default", 0.0) / 2 if prop.get("default") else 0.25)
-    values.update(epochs="2", warmup_epochs="1", num_workers="0")
+    values.update(epochs="2", warmup_epochs="1", num_workers="1")
     missing = set(form_schema()) - set(values)
     assert not missing, f"no test value for {missing}: teach non_defaults() the new field type"
     return values
@@ -74,20 +74,20 @@ def test_every_option_sent_as_a_form_field_is_recorded_on_the_job(api: httpx.Cli
     r = api.post("/tasks/all-options/train", files={"dataset": ("d.zip", archive.read_bytes())}, data=values)
     assert r.status_code == 202, r.text
     job = r.json()
-    expected = TrainOptions(**{n: type(getattr(TrainOptions(), n) or 0)(v) if "enum" not in form_schema()[n]
-                               else v for n, v in values.items()}).to_dict()
+    expected = from_form(values.items()).to_dict()
     assert job["options"] == expected
+    assert all(expected[name] != default for name, default in TrainOptions().to_dict().items())
     api.post(f"/jobs/{job['job_id']}/cancel")
     wait_job(api, job["job_id"], finished)
 
 
-@pytest.mark.parametrize("fields", [[("epochs", "5"), ("epochs", "6")], [("num_prompts", "5"), ("prompts", "6")]])
-def test_repeated_form_fields_are_refused_not_last_wins(api: httpx.Client, fields: list[tuple[str, str]]) -> None:
+@pytest.mark.parametrize("fields", [{"epochs": ["5", "6"]}, {"num_prompts": "5", "prompts": "6"}])
+def test_repeated_form_fields_are_refused_not_last_wins(api: httpx.Client, fields: dict) -> None:
     r = api.post("/tasks/repeated/train", files=[("dataset", ("d.zip", b"PK\x05\x06" + b"\0" * 18))], data=fields)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_parameter" and "more than once" in err["message"]
-    assert err["details"]["field"] == fields[0][0]
+    assert err["details"]["field"] == next(iter(fields))
 
 
 def test_vpt_serve_train_has_a_flag_for_every_option() -> None:
