@@ -7,9 +7,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from prompt_store.errors import StoreError
-from server.deps import State, Tenant, is_loopback
+from server.frontend.deps import State, Tenant, is_loopback
 from server.errors import ApiError
-from server.schemas import BackboneOut
+from server.frontend.schemas import BackboneOut
+from server.state import AppState
 
 router = APIRouter(tags=["system"])
 
@@ -26,15 +27,21 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(state: State) -> JSONResponse:
-    """Backbone loaded, store reachable, batcher running; 503 `not_ready` otherwise."""
+def readiness(state: AppState) -> dict[str, str]:
+    """Each check's state: "ok" or why not (backbone loaded, batcher running, store reachable)."""
     checks = {"backbone": "ok", "batcher": "ok" if state.batcher._thread.is_alive() else "stopped"}
     try:
         state.store.ping()
         checks["store"] = "ok"
     except StoreError as e:
         checks["store"] = f"unavailable: {e}"
+    return checks
+
+
+@router.get("/readyz")
+def readyz(state: State) -> JSONResponse:
+    """Backbone loaded, store reachable, batcher running; 503 `not_ready` otherwise."""
+    checks = readiness(state)
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse({"error": {"code": "not_ready", "message": "not ready", "details": checks}},
