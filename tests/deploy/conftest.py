@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.deploy.stack import ROOT, Stack, compose_command, docker, engine_answers, free_port
-from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME, save_tiny_vit
 
 PROJECT = "vptcomposetest"
 IMAGES = {"VPT_CUDA_IMAGE": "vpt-standin/base:bookworm", "VPT_REDIS_IMAGE": f"{PROJECT}/redis:7",
@@ -49,10 +49,17 @@ def stack(images: dict[str, str], tmp_path) -> Iterator[Stack]:
         "VPT_BACKBONE_PRETRAINED": "false",
         "VPT_BACKBONE_SEED": "0",
         "VPT_BACKBONE_KWARGS": json.dumps(TINY_KWARGS),
+        "VPT_BACKBONE_WEIGHTS": "/weights/tiny.safetensors",
         "VPT_JOB_HEARTBEAT_S": "1",
         "VPT_JOB_STALE_S": "8",
     }
-    files = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml"]
+    # every replica and worker needs the same backbone: one weights file, mounted read-only
+    weights = save_tiny_vit(tmp_path / "tiny.safetensors")
+    weights.chmod(0o644)
+    mount = {"volumes": [f"{weights}:/weights/tiny.safetensors:ro"]}
+    override = tmp_path / "docker-compose.weights.yml"
+    override.write_text(json.dumps({"services": {"server": mount, "worker": mount}}))  # JSON is YAML
+    files = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml", override]
     s = Stack(project=PROJECT, files=files, env=env, compose=compose, api_key=key,
               scale={"server": 2, "worker": 2})
     s.destroy()  # leftovers of an interrupted run

@@ -85,10 +85,13 @@ class Stack:
     def up(self) -> None:
         scale = [a for name, n in self.scale.items() for a in ("--scale", f"{name}={n}")]
         self.run("up", "-d", "--no-build", *scale)
-        for url in self.server_urls():
-            wait_for(f"{url}/readyz", lambda u=url: httpx.get(f"{u}/readyz", timeout=5).status_code == 200,
-                     timeout=600)
-        wait_for("the proxy", lambda: self.client().get("/readyz").status_code == 200, timeout=120)
+        try:
+            for url in self.server_urls():
+                wait_for(f"{url}/readyz", lambda u=url: httpx.get(f"{u}/readyz", timeout=5).status_code == 200,
+                         timeout=900)
+            wait_for("the proxy", lambda: self.client().get("/readyz").status_code == 200, timeout=120)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
 
     def containers(self, service: str) -> list[str]:
         """Running container ids of `service`, in replica order."""
