@@ -198,3 +198,43 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     tab.page.wait_for_selector("#jobs-table")
     tab.page.wait_for_selector("text=No jobs yet.")
     assert not [p for p in tab.problems if "Refused" in p or "page error" in p], tab.problems
+
+
+@pytest.mark.slow
+def test_console_cancel_export_delete(browser, start_server, tmp_path: Path, tiny_vit_file: Path) -> None:
+    """Cancel a running job, export a version and delete a task from the console."""
+    shots = tmp_path / "screens"
+    shots.mkdir()
+    tab = Tab(browser, start_server(env={"VPT_API_KEYS": f"alice:{ALICE}"}).base_url, shots)
+    api = httpx.Client(base_url=tab.base, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+    job = api.post("/tasks/long/train", files={"dataset": ("d.zip", make_digits_zip(
+        tmp_path / "b.zip", classes=range(2), per_class=8).read_bytes())},
+        data={"epochs": "10000", "batch_size": "1"}).json()
+    bb = backbone_for(str(tiny_vit_file))
+    assert api.put("/tasks/pets/import", content=constant_task(bb, ["cat", "dog"], winner=0),
+                   headers={"content-type": "application/octet-stream"}).status_code == 201
+    tab.go("/tasks")
+    login(tab, ALICE)
+    tab.go(f"/job/{job['job_id']}")
+    tab.page.wait_for_selector("#job-state:has-text('running')", timeout=120_000)
+    tab.page.click("#job-cancel")
+    tab.page.click("dialog.confirm button[value=ok]")
+    tab.page.wait_for_selector("#job-outcome:has-text('cancelled')", timeout=120_000)
+    assert api.get(f"/jobs/{job['job_id']}").json()["state"] == "cancelled"
+
+    tab.go("/task/pets")
+    tab.page.wait_for_selector("#versions-table")
+    with tab.page.expect_download() as download:
+        tab.page.click("button:text('Export current')")
+    saved = tmp_path / "pets.safetensors"
+    download.value.save_as(saved)
+    assert download.value.suggested_filename == "pets-v1.safetensors"
+    assert saved.read_bytes() == api.get("/tasks/pets/export").content
+    tab.page.click("button:text('Delete task')")
+    tab.page.click("dialog.confirm button[value=cancel]")  # changing one's mind deletes nothing
+    assert api.get("/tasks/pets").status_code == 200
+    tab.page.click("button:text('Delete task')")
+    tab.page.click("dialog.confirm button[value=ok]")
+    tab.page.wait_for_selector("text=No tasks yet")
+    assert api.get("/tasks/pets").status_code == 404
+    assert not [p for p in tab.problems if "Refused" in p or "page error" in p], tab.problems
