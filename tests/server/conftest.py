@@ -12,6 +12,7 @@ from tests.server.helpers import backbone_for, constant_task, random_task
 
 OIP_KEY_A, OIP_KEY_B = "alpha-oip-secret", "bravo-oip-secret"
 OIP_QUEUE_LIMIT, OIP_MAX_IMAGES = 40, 48  # one request of 41..48 images is refused busy, past 48 too large
+OIP_MAX_IMAGE_BYTES = 1 << 16             # inference bodies up to 48 * 64 KiB + 1 MiB
 
 
 @dataclass
@@ -32,6 +33,7 @@ def oip_server(tmp_path_factory: pytest.TempPathFactory, tiny_vit_env: dict[str,
     root = tmp_path_factory.mktemp("oip")
     env = {**tiny_vit_env, "VPT_STORE": str(root / "store"), "VPT_WORKERS": "0", "VPT_MAX_WAIT_MS": "50",
            "VPT_QUEUE_LIMIT": str(OIP_QUEUE_LIMIT), "VPT_MAX_IMAGES_PER_REQUEST": str(OIP_MAX_IMAGES),
+           "VPT_MAX_IMAGE_BYTES": str(OIP_MAX_IMAGE_BYTES),
            "VPT_API_KEYS": f"alpha:{OIP_KEY_A},bravo:{OIP_KEY_B}"}
     proc = ServerProcess(env, root / "server.log").start()
     bb = backbone_for(str(tiny_vit_file))

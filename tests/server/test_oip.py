@@ -162,6 +162,20 @@ def test_uint8_pixels_are_normalised_by_the_server(client: triton.InferenceServe
                                rtol=1e-4, atol=1e-6)
 
 
+def test_fp16_inputs_and_compressed_requests(client: triton.InferenceServerClient, bb) -> None:
+    x = preprocessed(bb, photos(3, seed=55))
+    probs = [triton.InferRequestedOutput("probabilities")]
+    res = client.infer("rand", [fp32_input(x, True)], headers=alpha(), outputs=probs)
+    want = res.as_numpy("probabilities")
+    half = triton.InferInput("images", list(x.shape), "FP16").set_data_from_numpy(x.astype(np.float16), True)
+    got = client.infer("rand", [half], headers=alpha(), outputs=probs).as_numpy("probabilities")
+    np.testing.assert_allclose(got, want, atol=2e-2)  # fp16 rounding of the inputs only
+    for algorithm in ("gzip", "deflate"):
+        res = client.infer("rand", [fp32_input(x, True)], headers=alpha(), outputs=probs,
+                           request_compression_algorithm=algorithm)
+        np.testing.assert_allclose(res.as_numpy("probabilities"), want, rtol=1e-4, atol=1e-6)
+
+
 def test_errors_reach_tritonclient_as_messages(client: triton.InferenceServerClient, bb) -> None:
     x = preprocessed(bb, photos(1, seed=60))
     cases = [

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import socket
 import struct
+import zlib
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.server.conftest import OIP_KEY_A, OIP_MAX_IMAGES, OipServer
+from tests.server.conftest import OIP_KEY_A, OIP_MAX_IMAGE_BYTES, OIP_MAX_IMAGES, OipServer
 from tests.server.helpers import png
 
 INFER = "/v2/models/rand/infer"
@@ -177,10 +179,18 @@ def test_route_auth_and_tenancy_errors(oip_server: OipServer) -> None:
     assert_protocol_error(a.post("/v2/models/bad%20id/infer", content=ok), 400, "")
     assert_protocol_error(a.post("/v2/models/rand/versions/x/infer", content=ok), 400, "positive integer")
     assert_protocol_error(a.post("/v2/models/rand/versions/0/infer", content=ok), 400, "positive integer")
+    assert_protocol_error(a.get("/v2/models/rand/versions/%C2%B2/ready"), 400, "positive integer")  # a digit
     assert_protocol_error(a.get("/v2/models/rand/versions/99"), 404, "no version 99")
     assert_protocol_error(a.get("/v2/models/rand/nothing"), 404, "")
     assert_protocol_error(a.get(INFER), 405, "")
-    assert_protocol_error(a.post(INFER, content=ok, headers={"content-encoding": "gzip"}), 415, "gzip")
+    gz, br, deflate = ({"content-encoding": e} for e in ("gzip", "br", "deflate"))
+    assert_protocol_error(a.post(INFER, content=ok, headers=br), 415, "'br'")
+    assert_protocol_error(a.post(INFER, content=ok, headers=gz), 400, "decompressed")
+    assert_protocol_error(a.post(INFER, content=gzip.compress(ok)[:-12], headers=gz), 400, "truncated")
+    assert a.post(INFER, content=gzip.compress(ok), headers=gz).status_code == 200
+    limit = OIP_MAX_IMAGES * OIP_MAX_IMAGE_BYTES + (1 << 20)
+    bomb = zlib.compress(ok + b" " * limit)  # valid JSON once inflated, but past the body limit
+    assert_protocol_error(a.post(INFER, content=bomb, headers=deflate), 413, "decompressed")
     # the rest of the API keeps its own error shape
     assert a.get("/tasks/theirs").json()["error"]["code"] == "task_not_found"
 

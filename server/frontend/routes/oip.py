@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def ready(state: State) -> dict:
 
 
 def _version_number(version: str) -> int:
-    if not version.isdigit() or len(version) > 18 or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
         raise ApiError(400, "bad_request", f"model version must be a positive integer, got {version[:24]!r}")
     return int(version)
 
@@ -102,7 +103,7 @@ def _metadata(state: AppState, tenant: str, task: str, version: str | None) -> d
 def _classes(record: TaskVersion) -> list:
     try:
         classes = json.loads(record.metadata.get("classes", "[]"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     return classes if isinstance(classes, list) else []
 
@@ -148,6 +149,31 @@ def _limits(state: AppState) -> Limits:
     return Limits((h, w), s.max_images_per_request, s.max_image_bytes, s.max_top_k)
 
 
+def _body_limit(state: AppState) -> int:
+    s = state.settings  # as the request-size middleware counts an inference body, here once decompressed
+    return s.max_images_per_request * s.max_image_bytes + (1 << 20)
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent with `Content-Encoding` gzip or deflate (tritonclient's request compression),
+    inflated to at most `limit` bytes (413 past it)."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding[:32]!r} is not supported: "
+                                                      "send gzip, deflate or identity")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ApiError(400, "bad_request", f"the {encoding} body cannot be decompressed: {e}") from None
+    if len(out) > limit:
+        raise ApiError(413, "payload_too_large", f"the decompressed request body exceeds {limit} bytes")
+    if not inflater.eof:
+        raise ApiError(400, "bad_request", f"the {encoding} body is truncated")
+    return out
+
+
 async def _images(state: AppState, req: InferRequest) -> Tensor:
     """(N, 3, H, W) float32, normalised as the backbone expects."""
     if req.encoded is not None:
@@ -173,9 +199,7 @@ async def _check_served(state: AppState, tenant: str, task: str, version: str) -
 async def _infer(request: Request, state: AppState, tenant: str, task: str, version: str | None) -> Response:
     validate_id(task)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding[:32]!r} is not supported")
-    body = await request.body()
+    body = await run_in_threadpool(decompress, await request.body(), encoding, _body_limit(state))
     req = await run_in_threadpool(parse_request, body, request.headers.get(HEADER_LENGTH), _limits(state))
     if version is not None:
         await _check_served(state, tenant, task, version)
