@@ -27,6 +27,7 @@ from vpt.backbone import Backbone
 from vpt.data.errors import DatasetError
 from vpt.data.limits import IngestLimits
 from vpt.errors import VPTError
+from vpt.priority import PriorityGate
 from vpt.task import read_metadata
 from vpt.train import TrainingCancelled, TrainingError, TrainOptions
 
@@ -100,11 +101,12 @@ class TrainingWorker:
 
     def __init__(self, store: Store, queue: JobQueue, backbone: Backbone, *, work_dir: Path,
                  limits: IngestLimits | None = None, heartbeat_s: float = 10.0, stale_s: float = 120.0,
-                 name: str | None = None, max_deliveries: int = 3) -> None:
+                 name: str | None = None, max_deliveries: int = 3, gate: PriorityGate | None = None) -> None:
         self.store, self.queue, self.backbone = store, queue, backbone
         self.work_dir, self.limits = work_dir, limits or IngestLimits()
         self.heartbeat_s, self.stale_s, self.max_deliveries = heartbeat_s, stale_s, max_deliveries
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.gate = gate  # each training step passes it: serving first on a shared device
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -183,7 +185,8 @@ class TrainingWorker:
             result = train_task_from_archive(
                 Path(job.dataset_path or ""), work, self.backbone, options, self.limits,
                 on_progress=beat.progress, should_cancel=beat.cancelled,
-                extra={"job_id": job.job_id, "task_id": job.task_id})
+                extra={"job_id": job.job_id, "task_id": job.task_id},
+                step_gate=self.gate.training if self.gate is not None else None)
             beat.stop()
             if self.store.get_job(job.tenant, job.job_id).cancel_requested:  # e.g. the task was deleted
                 raise TrainingCancelled("cancelled before publishing")

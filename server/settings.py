@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     queue_limit: int = Field(512, ge=1)       # images waiting for a batch; more answers 503
-    bank_bytes: int = Field(1 << 30, ge=1 << 16)
+    bank_bytes: int = Field(1 << 30, ge=1 << 16)          # device tier: resident tasks' tensors
+    host_cache_bytes: int = Field(4 << 30, ge=0)          # host tier behind it (page-locked on CUDA)
+    training_share: float = Field(0.2, ge=0, lt=1)        # device time training may take while batches wait
     request_timeout_s: float = Field(30.0, gt=0)
 
     # limits

@@ -20,6 +20,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from vpt.backbone import Backbone, load_backbone
 from vpt.data.limits import IngestLimits
+from vpt.priority import PriorityGate
 from vpt.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,17 @@ def build_backbone(settings: Settings) -> Backbone:
 
 
 def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Backbone,
-                 name: str | None = None) -> TrainingWorker:
-    """A training worker with the settings' limits (in-process or `vpt-serve worker`)."""
+                 name: str | None = None, gate: PriorityGate | None = None) -> TrainingWorker:
+    """A training worker with the settings' limits (in-process or `vpt-serve worker`).
+
+    In-process workers share the batcher's `gate` (serving first); a worker of its own gets one
+    that only puts its steps on a low-priority CUDA stream.
+    """
     limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
                           max_classes=settings.max_task_classes)
     return TrainingWorker(store, queue, backbone, work_dir=settings.uploads_dir.resolve().parent / "work",
                           limits=limits, heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s,
-                          name=name)
+                          name=name, gate=gate or PriorityGate(settings.training_share, device=backbone.device))
 
 
 @dataclass
@@ -64,6 +69,7 @@ class AppState:
     decoder: ImageDecoder
     jobs: JobService
     metrics: Metrics
+    gate: PriorityGate
     workers: list[TrainingWorker] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -75,14 +81,16 @@ class AppState:
         store = open_store(settings.store)
         queue = open_queue(store)
         metrics = Metrics()
-        bank = PromptBank(backbone, store, settings.bank_bytes)
+        bank = PromptBank(backbone, store, settings.bank_bytes, host_capacity_bytes=settings.host_cache_bytes)
+        gate = PriorityGate(settings.training_share, device=backbone.device)
         batcher = Batcher(backbone, bank, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                          queue_limit=settings.queue_limit, metrics=metrics)
+                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate)
         decoder = ImageDecoder(eval_transform(backbone.data_config), settings.max_image_pixels)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
         state = cls(settings=settings, keyring=keyring, backbone=backbone, store=store, queue=queue, bank=bank,
-                    batcher=batcher, decoder=decoder, jobs=JobService(store, queue, uploads), metrics=metrics)
+                    batcher=batcher, decoder=decoder, jobs=JobService(store, queue, uploads), metrics=metrics,
+                    gate=gate)
         metrics.attach(bank, state.job_counts)
         batcher.start()
         if settings.training_workers > 0:
@@ -95,7 +103,7 @@ class AppState:
 
     def start_workers(self, n: int) -> None:
         for _ in range(n):
-            w = build_worker(self.settings, self.store, self.queue, self.backbone)
+            w = build_worker(self.settings, self.store, self.queue, self.backbone, gate=self.gate)
             t = threading.Thread(target=w.run_forever, name=f"trainer-{w.name}", daemon=True)
             t.start()
             self.workers.append(w)

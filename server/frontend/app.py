@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.console import routes as console
 from server.errors import install_handlers, is_oip_path, oip_error_body
 from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.settings import Settings
@@ -131,7 +132,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
                               "Errors are `{\"error\": {\"code\", \"message\"}}`; the Open Inference "
                               "Protocol routes under `/v2` answer `{\"error\": \"<message>\"}`.")
     install_handlers(app)
-    for module in (tasks, jobs, predict, system, oip):
+    for module in (tasks, jobs, predict, system, oip, console):
         app.include_router(module.router)
     app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
     return app
