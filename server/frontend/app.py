@@ -1,6 +1,7 @@
 """The FastAPI app: factory, lifespan (the backbone loads once), request context middleware."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -26,6 +27,15 @@ access = logging.getLogger("vpt.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict:
+    """The next body message, or 408 when the client stalls (idle) or the body takes too long."""
+    wait = min(idle_s, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(receive(), timeout=max(0.0, wait))
+    except TimeoutError:
+        raise StarletteHTTPException(408, "the request body arrived too slowly") from None
 
 
 class RequestContext:
@@ -77,12 +87,16 @@ class RequestContext:
         if declared > limit:
             await self._reject(send, rid, limit, scope["path"])
         else:
-            seen = {"n": 0}
+            seen = {"n": 0, "done": False}
+            deadline = time.monotonic() + self.settings.body_timeout_s
 
             async def counted_receive() -> dict:
-                message = await receive()
+                if seen["done"]:  # the body is in: what follows is a wait for the disconnect
+                    return await receive()
+                message = await _body_chunk(receive, deadline, self.settings.body_idle_timeout_s)
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
+                    seen["done"] = not message.get("more_body", False)
                     if seen["n"] > limit:
                         raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
                 return message
