@@ -2,7 +2,9 @@
 on another backbone are flagged, and the demo backbone's task scores far above chance and keeps serving."""
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,15 @@ def _predict_label(base_url: str, task: str) -> str:
                    headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["results"][0]["top_k"][0]["label"]
+
+
+def _tiny_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for label in ("a", "b"):
+            for i in range(2):
+                zf.writestr(f"{label}/{i}.png", png(i + (10 if label == "b" else 0)))
+    return buf.getvalue()
 
 
 def test_a_random_backbone_serves_its_tasks_after_restarts(tmp_path: Path) -> None:
@@ -37,6 +48,12 @@ def test_a_random_backbone_serves_its_tasks_after_restarts(tmp_path: Path) -> No
         assert _predict_label(server.base_url, "cats") == "c"
         assert httpx.get(f"{server.base_url}/tasks").json()["tasks"][0]["servable"] is True
         assert httpx.get(f"{server.base_url}/readyz").json()["details"]["unservable_tasks"] == 0
+        # no worker here (VPT_WORKERS=0): a first job stays queued; deleting its task cancels it
+        r = httpx.post(f"{server.base_url}/tasks/fresh/train", files={"dataset": ("d.zip", _tiny_zip())})
+        assert r.status_code == 202, r.text
+        assert httpx.delete(f"{server.base_url}/tasks/fresh").status_code == 204
+        assert httpx.get(f"{server.base_url}/jobs/{r.json()['job_id']}").json()["state"] == "cancelled"
+        assert httpx.delete(f"{server.base_url}/tasks/fresh").status_code == 404
     finally:
         server.stop()
     server = ServerProcess({**env, "VPT_BACKBONE_SEED": "7"}, tmp_path / "c.log").start()  # other weights

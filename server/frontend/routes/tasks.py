@@ -7,6 +7,7 @@ import logging
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from prompt_store.errors import TaskNotFound
 from prompt_store.ids import validate_id
 from server.frontend.deps import State, Tenant
 from server.errors import ApiError
@@ -43,8 +44,15 @@ def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
 
 @router.delete("/tasks/{task_id}", status_code=204)
 def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
-    """Delete every version; a queued or running training job of the task is cancelled first."""
-    state.store.get_info(tenant, validate_id(task_id))  # 404 for an unknown task, before touching jobs
+    """Delete every version; a queued or running training job of the task is cancelled first (also
+    when that job is the task's first, so no version exists yet)."""
+    try:
+        state.store.get_info(tenant, validate_id(task_id))  # 404 for an unknown task, before touching jobs
+    except TaskNotFound:
+        if not any(j.state in ("queued", "running") for j in state.store.list_jobs(tenant, task_id)):
+            raise
+        state.jobs.cancel_active(tenant, task_id)
+        return Response(status_code=204)
     state.jobs.cancel_active(tenant, task_id)
     state.store.delete_task(tenant, task_id)
     return Response(status_code=204)
