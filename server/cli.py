@@ -43,24 +43,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: refusing to bind {settings.host} without API keys: set VPT_API_KEYS (or "
               "VPT_API_KEYS_FILE), bind 127.0.0.1, or set VPT_ALLOW_UNAUTHENTICATED=1", file=sys.stderr)
         return 2
-    from prompt_store.errors import StoreError
-    from server.state import AppState
-    from vpt.errors import VPTError
+    if settings.frontends > 0:
+        from server.supervisor import Supervisor
 
-    try:  # load before serving, so a missing backbone or store is one clear line, not a traceback
-        state = AppState.start(settings)
-    except (VPTError, StoreError) as e:
-        print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
-        if "Hub" in str(e) or "hub" in str(e):
-            print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
-                  "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
-        return 2
+        return Supervisor(settings).run()
+    state = start_state(settings)
+    if isinstance(state, int):
+        return state
     try:
         uvicorn.run(create_app(settings, state=state), host=settings.host, port=settings.port,
                     log_level=settings.log_level, timeout_graceful_shutdown=10)
     finally:
         state.close()
     return 0
+
+
+def _settings_from_env():
+    """Settings of a child process of the supervisor (the environment only)."""
+    from server.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        sys.exit(f"error: invalid_settings: {e}")
+
+
+def start_state(settings):
+    """The loaded AppState, or exit status 2 after one clear line (missing backbone, bad store)."""
+    from prompt_store.errors import StoreError
+    from server.state import AppState
+    from vpt.errors import VPTError
+
+    try:
+        return AppState.start(settings)
+    except (VPTError, StoreError) as e:
+        print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
+        if "Hub" in str(e) or "hub" in str(e):
+            print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
+                  "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
+        return 2
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

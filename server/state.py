@@ -1,26 +1,29 @@
 """What the app holds for its lifetime: backbone, store, bank, batcher, jobs, workers, metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from torch import Tensor
 
 import kernels
 from prompt_store.bank import PromptBank
 from prompt_store.base import Store
+from prompt_store.errors import StoreError
 from prompt_store.factory import open_queue, open_store
 from prompt_store.queue import JobQueue
 from server.frontend.auth import KeyRing, load_keyring
-from server.engine.batcher import Batcher
+from server.engine.batcher import Batcher, Outcome
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService, TrainingWorker, fail_interrupted
 from server.metrics import Metrics
 from server.settings import Settings
 from vpt.backbone import Backbone, load_backbone
 from vpt.data.limits import IngestLimits
-from vpt.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,8 @@ class AppState:
         metrics = Metrics()
         bank = PromptBank(backbone, store, settings.bank_bytes)
         batcher = Batcher(backbone, bank, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                          queue_limit=settings.queue_limit, metrics=metrics)
-        decoder = ImageDecoder(eval_transform(backbone.data_config), settings.max_image_pixels)
+                          queue_limit=settings.queue_limit, metrics=metrics, pin_memory=settings.pin_memory)
+        decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
         state = cls(settings=settings, keyring=keyring, backbone=backbone, store=store, queue=queue, bank=bank,
@@ -100,6 +103,31 @@ class AppState:
             t.start()
             self.workers.append(w)
             self.threads.append(t)
+
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | list[Tensor] | Tensor,
+                      top_k: int) -> Outcome:
+        """Decoded uint8 (H, W, 3) images or a preprocessed (n, 3, H, W) batch -> the task's answer."""
+        if isinstance(images, list):
+            images = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in images]
+        outcome = await self.batcher.predict(tenant, task, images, top_k)
+        self.metrics.predictions.labels(tenant, task).inc(len(images))
+        return outcome
+
+    def ready_checks(self) -> dict[str, str]:
+        """Backbone loaded, batcher running, store reachable: each "ok" or why not."""
+        checks = {"backbone": "ok", "batcher": "ok" if self.batcher.alive else "stopped"}
+        try:
+            self.store.ping()
+            checks["store"] = "ok"
+        except StoreError as e:
+            checks["store"] = f"unavailable: {e}"
+        return checks
+
+    async def ready(self) -> dict[str, str]:
+        return await asyncio.to_thread(self.ready_checks)
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

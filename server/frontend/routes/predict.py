@@ -72,11 +72,10 @@ async def predict(request: Request, state: State, tenant: Tenant, task: str = Qu
                                         [(d, n or f"#{i}") for i, (d, n) in enumerate(items)])
     t_decoded = time.perf_counter()
     try:
-        outcome = await asyncio.wait_for(state.batcher.predict(tenant, task, images, top_k),
+        outcome = await asyncio.wait_for(state.predict(tenant, task, images, top_k),
                                          timeout=state.settings.request_timeout_s)
     except TimeoutError as e:
         raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
-    state.metrics.predictions.labels(tenant, task).inc(len(items))
     results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=safe_text(t.label),
                                                                   index=t.index, score=t.score) for t in top])
                for i, ((_, name), top) in enumerate(zip(items, outcome.results))]
