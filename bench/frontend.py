@@ -37,11 +37,11 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.frontend.images import ImageDecoder  # noqa: E402
-from vpt.backbone import load_backbone  # noqa: E402
-from vpt.engine import forward_logits, stack_slots, task_slot_tensors  # noqa: E402
-from vpt.preprocess import Preprocessor  # noqa: E402
-from vpt.task import TaskParams, TaskSpec, save_task_file  # noqa: E402
+from server.frontend.images import ImageDecoder
+from vpt.backbone import load_backbone
+from vpt.engine import forward_logits, stack_slots, task_slot_tensors
+from vpt.preprocess import Preprocessor
+from vpt.task import TaskParams, TaskSpec, save_task_file
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 0}
 CLK = os.sysconf("SC_CLK_TCK")
@@ -157,8 +157,8 @@ def wrk(args: argparse.Namespace, script: Path, seconds: float) -> dict:
 
 def mean_batch(port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    s = re.search(r"^vpt_batch_images_sum (\S+)", text, re.M)
-    c = re.search(r"^vpt_batch_images_count (\S+)", text, re.M)
+    s = re.search(r"^vpt_batch_images_sum (\S+)", text, re.MULTILINE)
+    c = re.search(r"^vpt_batch_images_count (\S+)", text, re.MULTILINE)
     return round(float(s.group(1)) / float(c.group(1)), 2) if s and c and float(c.group(1)) else 0.0
 
 

@@ -16,8 +16,8 @@ from prompt_store.base import Store
 from prompt_store.errors import StoreError
 from prompt_store.factory import open_queue, open_store
 from prompt_store.queue import JobQueue
-from server.frontend.auth import KeyRing, load_keyring
 from server.engine.batcher import Batcher, Outcome
+from server.frontend.auth import KeyRing, load_keyring
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService, TrainingWorker, fail_interrupted
 from server.metrics import Metrics

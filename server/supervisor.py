@@ -67,7 +67,7 @@ class Supervisor:
 
     def _spawn(self, module: str, env: dict[str, str], fds: tuple[int, ...] = ()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", module], env=env, pass_fds=fds,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads yet)
 
     def start_engine(self) -> int | None:
         """Start the engine and wait for its socket; its exit status if it died while starting."""

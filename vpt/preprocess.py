@@ -74,8 +74,8 @@ class Preprocessor:
         else:  # timm's ResizeKeepRatio: the smaller ratio wins
             ratio = min(h / sh, w / sw)
             rh, rw = round(h / ratio), round(w / ratio)
-        top = int(round((rh - self.height) / 2.0))
-        left = int(round((rw - self.width) / 2.0))
+        top = round((rh - self.height) / 2.0)
+        left = round((rw - self.width) / 2.0)
         return EvalGeometry(rh, rw, top, left)
 
     def __call__(self, images: Sequence[Tensor], device: torch.device | str = "cpu",

@@ -91,7 +91,7 @@ class EngineService:
             self._send(writer, {"id": rid, "ok": result})
         except asyncio.CancelledError:
             self._send(writer, {"id": rid, "error": error_dict(asyncio.CancelledError())})
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             self._send(writer, {"id": rid, "error": error_dict(e)})
 
     def _inputs(self, items: list[dict[str, Any]], blobs: list[bytes], frontend: int) -> Tensor | list[Tensor]:

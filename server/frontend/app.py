@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import install_handlers
-from server.frontend.routes import jobs, predict, system, tasks
-from server.settings import Settings
+from server.errors import install_handlers, is_oip_path, oip_error_body
+from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.frontend.state import FrontendState
+from server.settings import Settings
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class RequestContext:
         s = self.settings
         if path.endswith("/train"):
             return s.max_upload_bytes + (1 << 20)
-        if path == "/predict":
+        if path == "/predict" or (is_oip_path(path) and path.endswith("/infer")):
             return s.max_images_per_request * s.max_image_bytes + (1 << 20)
         if path.endswith("/import"):
             return s.max_task_file_bytes
@@ -75,7 +75,7 @@ class RequestContext:
     async def _dispatch(self, scope: Scope, receive: Callable, send: Callable, declared: int, limit: int,
                         rid: str) -> None:
         if declared > limit:
-            await self._reject(send, rid, limit)
+            await self._reject(send, rid, limit, scope["path"])
         else:
             seen = {"n": 0}
 
@@ -89,9 +89,11 @@ class RequestContext:
 
             await self.app(scope, counted_receive, send)
 
-    async def _reject(self, send: Callable, rid: str, limit: int) -> None:
-        body = json.dumps({"error": {"code": "payload_too_large", "message": f"the request body exceeds {limit} bytes",
-                                     "request_id": rid}}).encode()
+    async def _reject(self, send: Callable, rid: str, limit: int, path: str) -> None:
+        message = f"the request body exceeds {limit} bytes"
+        error = oip_error_body(message) if is_oip_path(path) else {
+            "error": {"code": "payload_too_large", "message": message, "request_id": rid}}
+        body = json.dumps(error).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -136,9 +138,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None,
 
     app = FastAPI(title="vpt-serve", version="0.1.0", lifespan=lifespan,
                   description="Many image classifiers on one frozen ViT with Visual Prompt Tuning. "
-                              "Errors are `{\"error\": {\"code\", \"message\"}}`.")
+                              "Errors are `{\"error\": {\"code\", \"message\"}}`; the Open Inference "
+                              "Protocol routes under `/v2` answer `{\"error\": \"<message>\"}`.")
     install_handlers(app)
-    for module in (tasks, jobs, predict, system):
+    for module in (tasks, jobs, predict, system, oip):
         app.include_router(module.router)
     app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
     return app

@@ -10,8 +10,8 @@ import numpy as np
 from torch import Tensor
 
 from server.channel import SlotPool, SlotRing, encode_frame, read_frame, tensor_item
-from server.errors import ApiError, busy
 from server.engine.batcher import Outcome, TopK
+from server.errors import ApiError, busy
 
 log = logging.getLogger(__name__)
 

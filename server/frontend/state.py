@@ -38,6 +38,9 @@ class BackboneInfo:
         self.name, self.fingerprint = facts["name"], facts["fingerprint"]
         self.embed_dim, self.depth = int(facts["embed_dim"]), int(facts["depth"])
         self.num_heads = int(facts["num_heads"])
+        self.data_config = {"input_size": tuple(facts["input_size"]), "mean": tuple(facts["mean"]),
+                            "std": tuple(facts["std"]), "interpolation": facts["interpolation"],
+                            "crop_pct": facts["crop_pct"], "crop_mode": facts["crop_mode"]}
 
     def describe(self) -> dict[str, Any]:
         return dict(self.facts)
@@ -117,7 +120,7 @@ class FrontendState:
             return {"engine": "unreachable"}
         try:
             return await asyncio.wait_for(self.client.call({"op": "ready"}), timeout=5)
-        except Exception as e:  # the engine is gone or stuck: not ready
+        except Exception as e:  # the engine is gone or stuck: not ready  # noqa: BLE001
             return {"engine": f"unavailable: {type(e).__name__}"}
 
     async def render_metrics(self) -> bytes:

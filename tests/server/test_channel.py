@@ -25,12 +25,11 @@ from vpt.task import read_metadata
 def test_ring_bytes_written_by_another_process_arrive_intact(tmp_path: Path) -> None:
     ring = SlotRing.create(RingLayout(frontends=2, slots=4, slot_bytes=1 << 16))
     try:
-        code = ("import torch; from server.channel import SlotRing; r = SlotRing.attach(%r); "
+        code = (f"import torch; from server.channel import SlotRing; r = SlotRing.attach({ring.describe()!r}); "
                 "g = torch.Generator().manual_seed(7); "
                 "img = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=g); "
                 "x = torch.randn((3, 16, 16), generator=g); "
-                "r.write(1, 3, memoryview(img.numpy()).cast('B')); r.write(0, 2, memoryview(x.numpy()).cast('B'))"
-                % ring.describe())
+                "r.write(1, 3, memoryview(img.numpy()).cast('B')); r.write(0, 2, memoryview(x.numpy()).cast('B'))")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
         g = torch.Generator().manual_seed(7)
         img = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=g)

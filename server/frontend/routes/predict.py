@@ -4,13 +4,17 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
+from torch import Tensor
 
 from prompt_store.ids import validate_id
-from server.frontend.deps import State, Tenant
+from server.engine.batcher import Outcome
 from server.errors import ApiError
+from server.frontend.deps import State, Tenant
 from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
+from server.state import AppState
 
 router = APIRouter(tags=["predict"])
 
@@ -58,6 +62,18 @@ async def _read_raw(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
+async def classify(state: AppState, tenant: str, task: str, images: list[np.ndarray] | Tensor,
+                   top_k: int) -> Outcome:
+    """The prediction entry point of every HTTP route: decoded uint8 (H, W, 3) images or a preprocessed
+    (n, 3, H, W) batch join the next shared batch (in this process, or the engine process's over the
+    channel); 504 `timeout` past the request timeout, 503 `busy` when the queue is full."""
+    try:
+        return await asyncio.wait_for(state.predict(tenant, task, images, top_k),
+                                      timeout=state.settings.request_timeout_s)
+    except TimeoutError as e:
+        raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
+
+
 @router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,
              responses={400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut},
                         415: {"model": ErrorOut}, 503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
@@ -71,11 +87,7 @@ async def predict(request: Request, state: State, tenant: Tenant, task: str = Qu
     images = await loop.run_in_executor(state.decoder.pool, state.decoder.decode_all,
                                         [(d, n or f"#{i}") for i, (d, n) in enumerate(items)])
     t_decoded = time.perf_counter()
-    try:
-        outcome = await asyncio.wait_for(state.predict(tenant, task, images, top_k),
-                                         timeout=state.settings.request_timeout_s)
-    except TimeoutError as e:
-        raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
+    outcome = await classify(state, tenant, task, images, top_k)
     results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=safe_text(t.label),
                                                                   index=t.index, score=t.score) for t in top])
                for i, ((_, name), top) in enumerate(zip(items, outcome.results))]

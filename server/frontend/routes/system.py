@@ -6,8 +6,8 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.frontend.deps import State, Tenant, is_loopback
 from server.errors import ApiError
+from server.frontend.deps import State, Tenant, is_loopback
 from server.frontend.schemas import BackboneOut
 
 router = APIRouter(tags=["system"])
