@@ -125,3 +125,14 @@ def to_uint8_hwc(image: Any) -> Tensor:
 
     arr = np.array(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
     return torch.from_numpy(arr)
+
+
+class ImageTransform:
+    """`Preprocessor` as a per-image PIL transform (datasets, the offline `vpt-serve eval`): the same
+    arithmetic the server applies to its batches, so offline accuracy is what serving gives."""
+
+    def __init__(self, config: Mapping[str, Any] | Any) -> None:
+        self.pre = Preprocessor(config)
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.pre([to_uint8_hwc(image)])[0]                                   # (3, H, W)

@@ -11,7 +11,7 @@ from sklearn.datasets import load_sample_images
 
 from server.frontend.images import ImageDecoder
 from tests.fixtures.digits import digit_images
-from vpt.preprocess import Preprocessor, to_uint8_hwc
+from vpt.preprocess import ImageTransform, Preprocessor, to_uint8_hwc
 from vpt.transforms import eval_transform
 
 MEAN_TOL = 0.5   # mean |difference| in 0-255 pixel units (documented in vpt/preprocess.py)
@@ -82,3 +82,9 @@ def test_rejects_what_it_cannot_do() -> None:
         Preprocessor({"input_size": (3, 32, 32), "crop_mode": "border"})
     with pytest.raises(ValueError, match="uint8"):
         Preprocessor({"input_size": (3, 32, 32)})([torch.zeros(8, 8, 3)])
+
+
+def test_per_image_transform_is_the_batch_arithmetic() -> None:
+    cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.9}
+    image = photos()[2]
+    assert torch.equal(ImageTransform(cfg)(image), Preprocessor(cfg)([to_uint8_hwc(image)])[0])
