@@ -149,7 +149,7 @@ def start(args: argparse.Namespace, weights: Path, store: Path, workers: int) ->
 
 
 def wrk(args: argparse.Namespace, script: Path, seconds: float) -> dict:
-    out = subprocess.run(["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{seconds}s",
+    out = subprocess.run(["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{max(1, round(seconds))}s",
                           "--timeout", "60s", "-s", str(script), f"http://127.0.0.1:{args.port}"],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("JSON "))[5:])

@@ -71,7 +71,7 @@ def _images(rng: np.random.Generator, n: int) -> list[np.ndarray]:
 
 
 async def _run_handoff(state: AppState, tmp_path: Path) -> None:
-    ring = SlotRing.create(RingLayout(frontends=2, slots=8, slot_bytes=16 << 10))
+    ring = SlotRing.create(RingLayout(frontends=2, slots=24, slot_bytes=16 << 10))
     path = str(tmp_path / "engine.sock")
     server = await EngineService(state, ring).serve(path)
     rng = np.random.default_rng(0)
@@ -84,13 +84,13 @@ async def _run_handoff(state: AppState, tmp_path: Path) -> None:
         async def one(i: int) -> None:
             imgs = _images(rng, 1 + i % 3)
             out = await client.predict("default", "t", imgs, top_k=2)
-            seen.update(s for s in range(8) if s not in client.pool.free)
+            seen.update(s for s in range(24) if s not in client.pool.free)
             assert len(out.results) == len(imgs) and all(r[0].label == "two" for r in out.results)
 
-        for start in range(0, 240, 8):  # 240 requests, 8 at a time
+        for start in range(0, 240, 8):  # 240 requests (~480 images), 8 at a time, through 24 slots
             await asyncio.gather(*(one(i) for i in range(start, start + 8)))
-        assert client.pool.in_use == 0          # every slot came back
-        assert seen <= set(range(8))            # and the same few were reused throughout
+        assert client.pool.in_use == 0          # every slot came back, and was reused ~20 times
+        assert 2 <= len(seen) <= 24
         big = [rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)]  # 36 kB > a 16 kB slot: inline
         assert (await client.predict("default", "t", big, top_k=1)).results[0][0].label == "two"
         pre = torch.zeros((2, 3, 32, 32))  # already preprocessed float32 inputs
