@@ -9,7 +9,8 @@ file so server and script share a fingerprint). Cases, one JSON line each, in th
 - `engine`: the offline engine, no HTTP: device preprocessing (vpt/preprocess.py) of already
   decoded uint8 images plus the forward, at `--batch`;
 - `server` with `VPT_FRONTEND_WORKERS` = each of `--workers` (0 is the single-process server).
-CPU per image by role comes from /proc/<pid>/stat (utime + stime) of each process before and after
+Every process runs `--torch-threads` intra-op threads (default 1: on a small shared box, more
+threads per process spin against each other). CPU per image by role comes from /proc/<pid>/stat (utime + stime) of each process before and after
 the measured run. `decode_ms_per_img` is the CPU time of decoding the same JPEGs with the front
 end's decoder (draft mode included) in this script; `frontend_ms_excl_decode` is the front ends'
 CPU per image minus it. The load average is printed: other work on the machine skews everything.
@@ -135,7 +136,8 @@ def start(args: argparse.Namespace, weights: Path, store: Path, workers: int) ->
            "VPT_BACKBONE_KWARGS": json.dumps(TINY), "VPT_STORE": str(store), "VPT_PORT": str(args.port),
            "VPT_WORKERS": "0", "VPT_MAX_BATCH_SIZE": str(args.batch), "VPT_MAX_WAIT_MS": str(args.wait_ms),
            "VPT_QUEUE_LIMIT": "4096", "VPT_LOG_LEVEL": "warning", "VPT_REQUEST_TIMEOUT_S": "600",
-           "VPT_FRONTEND_WORKERS": str(workers), "VPT_DEVICE": args.device}
+           "VPT_FRONTEND_WORKERS": str(workers), "VPT_DEVICE": args.device,
+           "OMP_NUM_THREADS": str(args.torch_threads)}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
     for _ in range(1200):
         try:
@@ -194,7 +196,9 @@ def main() -> None:
     ap.add_argument("--wait-ms", type=float, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=18741)
+    ap.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per process (OMP_NUM_THREADS)")
     args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     bb = load_backbone("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, device=args.device)
     tasks = [TaskParams.new(TaskSpec("vpt-deep", 10, tuple(f"c{i}" for i in range(10))), bb)
@@ -203,6 +207,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
     common = {"device": device, "model": "tiny ViT (d=64, 4 blocks, 32 px)", "tasks": args.tasks,
+              "torch_threads": args.torch_threads,
               "connections": args.connections, "seconds": args.seconds}
     engine = engine_case(bb, tasks, images, args.batch, min(args.seconds, 10))
     dec = decode_ms(images, Preprocessor(bb.data_config).min_side)

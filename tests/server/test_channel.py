@@ -131,7 +131,8 @@ async def _run_timeout(state: AppState, tmp_path: Path) -> None:
         await client.connect()
         state.batcher.max_wait_s = 1.0  # the batch waits: the caller gives up first
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.predict("default", "t", _images(np.random.default_rng(1), 3), 1), 0.05)
+            small = [np.full((30, 40, 3), i, dtype=np.uint8) for i in range(3)]  # 3.6 kB each: in slots
+            await asyncio.wait_for(client.predict("default", "t", small, 1), 0.05)
         assert client.pool.in_use == 3  # kept until the engine answers: it may still read them
         for _ in range(600):
             if client.pool.in_use == 0:
