@@ -240,8 +240,8 @@ def eval_command(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vpt.data import ImageDataset, ingest_archive
     from vpt.pipeline import evaluate
-    from vpt.task import load_task_file
     from vpt.preprocess import ImageTransform
+    from vpt.task import load_task_file
     from vpt.train import TrainOptions
 
     if not args.task_file.is_file():

@@ -37,18 +37,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _listen(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, listener: socket.socket) -> None:
         self.settings = settings
         self.n = settings.frontends
         self.workdir = Path(tempfile.mkdtemp(prefix="vpt-serve-"))
@@ -56,7 +46,7 @@ class Supervisor:
         self.socket_path = str(self.workdir / "engine.sock")
         self.metrics_dir = self.workdir / "metrics"
         self.metrics_dir.mkdir()
-        self.listener: socket.socket | None = None
+        self.listener = listener  # bound and listening; every front end inherits it
         self.engine: subprocess.Popen | None = None
         self.frontends: list[subprocess.Popen | None] = [None] * self.n
         self.restarts: list[list[float]] = [[] for _ in range(self.n)]
@@ -117,8 +107,7 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.frontends:
             _wait(proc, grace)
-        if self.listener is not None:
-            self.listener.close()
+        self.listener.close()
         if self.engine is not None and self.engine.poll() is None:
             self.engine.send_signal(signal.SIGTERM)
         _wait(self.engine, grace)
@@ -132,12 +121,6 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        try:
-            self.listener = _listen(self.settings)
-        except OSError as e:
-            print(f"error: cannot listen on {self.settings.host}:{self.settings.port}: {e}", file=sys.stderr)
-            self.stop()
-            return 2
         try:
             code = self.start_engine()
             if code is not None:

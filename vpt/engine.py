@@ -7,7 +7,9 @@ at the end of each sequence with a per-sample valid length. Heads are gathered p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +49,40 @@ class SlotTensors:
     head_w: Tensor           # (C, d)
     head_b: Tensor           # (C,)
 
+    # Generic over the dataclass's fields (tensors, or dicts/lists/tuples of tensors), so that a
+    # new per-method field is counted, moved and pinned without touching these methods. The bank
+    # relies only on these and on `pack_slots` / `forward_grouped`; it reads no field by name.
+
     def nbytes(self) -> int:
-        ts = [self.deep_k, self.deep_v, self.shallow, self.head_w, self.head_b]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(t.numel() * t.element_size() for t in _tensors_of(self))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SlotTensors:
+        """A copy on `device` (the same tensors where they already are there)."""
+        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SlotTensors:
+        """Host tensors in page-locked memory, so uploads can be asynchronous (CUDA only)."""
+        return _map_tensors(self, lambda t: t.pin_memory())
+
+
+def _map_value(v: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(v, Tensor):
+        return fn(v)
+    if isinstance(v, dict):
+        return {k: _map_value(x, fn) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_map_value(x, fn) for x in v)
+    return v
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    return replace(obj, **{f.name: _map_value(getattr(obj, f.name), fn) for f in fields(obj)})
+
+
+def _tensors_of(obj: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map_value([getattr(obj, f.name) for f in fields(obj)], lambda t: found.append(t) or t)
+    return found
 
 
 def prompt_kv(blk: Block, prompts: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,3 +272,75 @@ def apply_heads(features: Tensor, table: PromptTable, slot: Tensor) -> Tensor:
 def forward_logits(backbone: Backbone, images: Tensor, table: PromptTable, slot: Tensor) -> Tensor:
     """(B, 3, H, W) -> (B, C_max) logits, each sample through its own task's prompts and head."""
     return apply_heads(forward_features(backbone, images, table, slot), table, slot)
+
+
+# -- serving from per-task tensors ------------------------------------------------------------------
+# Contract with the bank (prompt_store/bank.py): the bank keeps each task's `SlotTensors` exactly as
+# `task_slot_tensors` built them (moved between host and device with `.to`, measured with
+# `.nbytes()`), and per batch calls `pack_slots` with the batch's distinct tasks, then
+# `forward_grouped`. It reads no field by name: a method that adds per-task tensors extends
+# `SlotTensors`, `task_slot_tensors`, `pack_slots` and the forward, and the bank carries them.
+
+
+def _padded(t: Tensor | None, n: int, dim: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """`t` zero-padded to `n` along `dim` (zeros of `shape` where the task has no such tensor)."""
+    if t is None:
+        return like.new_zeros(shape)
+    if t.shape[dim] == n:
+        return t
+    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, n - t.shape[dim]])
+
+
+def pack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
+    """One batch's table: the prompt tensors of `slots` (its distinct tasks) stacked, padded only to
+    the batch's own widest prompt count. Heads are not copied (`head_w`/`head_b` are empty,
+    `num_classes` is set): `apply_heads_grouped` reads them from `slots`.
+    """
+    L, H, hd, d = backbone.depth, backbone.num_heads, backbone.head_dim, backbone.embed_dim
+    like = slots[0].head_w
+    deep = [s.deep_k.shape[2] if s.deep_k is not None else 0 for s in slots]
+    shallow = [s.shallow.shape[0] if s.shallow is not None else 0 for s in slots]
+    P, Ps = max(deep), max(shallow)
+    deep_k = deep_v = sh = None
+    if P:
+        deep_k = torch.stack([_padded(s.deep_k, P, 2, (L, H, P, hd), like) for s in slots], dim=1)  # (L, S, H, P, hd)
+        deep_v = torch.stack([_padded(s.deep_v, P, 2, (L, H, P, hd), like) for s in slots], dim=1)  # (L, S, H, P, hd)
+    if Ps:
+        sh = torch.stack([_padded(s.shallow, Ps, 0, (Ps, d), like) for s in slots])                 # (S, Ps, d)
+    lens = torch.tensor([deep, shallow, [s.head_w.shape[0] for s in slots]]).to(like.device)        # (3, S)
+    S = len(slots)
+    return PromptTable(deep_k=deep_k, deep_v=deep_v, deep_len=lens[0], shallow=sh, shallow_len=lens[1],
+                       head_w=like.new_empty(S, 0, d), head_b=like.new_empty(S, 0), num_classes=lens[2])
+
+
+def apply_heads_grouped(features: Tensor, slots: list[SlotTensors], slot_ids: list[int]) -> list[tuple[list[int], Tensor]]:
+    """Each sample through its own task's head, tasks grouped by class count, so no head is padded.
+
+    (B, d) features, `slot_ids[b]` indexing `slots` -> one `(rows, logits (n, C))` per class count,
+    `rows` the samples' batch positions in order. A 10,000-class task costs only its own samples.
+    """
+    groups: dict[int, list[int]] = {}
+    for b, j in enumerate(slot_ids):
+        groups.setdefault(slots[j].head_w.shape[0], []).append(b)
+    out = []
+    for rows, members in ((rows, sorted({slot_ids[b] for b in rows})) for rows in groups.values()):
+        f = features.index_select(0, torch.tensor(rows, device=features.device))            # (n, d)
+        if len(members) == 1:
+            s = slots[members[0]]
+            logits = F.linear(f.to(s.head_w.dtype), s.head_w, s.head_b)                       # (n, C)
+        else:
+            local = {j: i for i, j in enumerate(members)}
+            sel = torch.tensor([local[slot_ids[b]] for b in rows], device=features.device)  # (n,)
+            w = torch.stack([slots[j].head_w for j in members]).index_select(0, sel)         # (n, C, d)
+            bias = torch.stack([slots[j].head_b for j in members]).index_select(0, sel)      # (n, C)
+            logits = torch.baddbmm(bias[:, :, None], w, f[:, :, None].to(w.dtype))[:, :, 0]  # (n, C)
+        out.append((rows, logits))
+    return out
+
+
+def forward_grouped(backbone: Backbone, images: Tensor, table: PromptTable, slots: list[SlotTensors],
+                    slot_ids: list[int]) -> list[tuple[list[int], Tensor]]:
+    """(B, 3, H, W) images, `table = pack_slots(backbone, slots)`, `slot_ids[b]` the sample's task
+    -> per class count `(rows, logits (n, C))` (see `apply_heads_grouped`)."""
+    slot = torch.tensor(slot_ids, dtype=torch.long).to(images.device)                       # (B,)
+    return apply_heads_grouped(forward_features(backbone, images, table, slot), slots, slot_ids)

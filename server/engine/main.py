@@ -30,20 +30,24 @@ async def serve(state: AppState, ring: SlotRing, path: str) -> None:
 
 
 def main() -> int:
-    from server.cli import _settings_from_env, _setup_logging, start_state
+    from server.cli import _settings_from_env, _setup_logging, _start_state
 
     settings = _settings_from_env()
     _setup_logging(settings.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards what matters as SIGTERM
     ring = SlotRing.attach(os.environ[ENV_SHM])
-    state = start_state(settings)
-    if isinstance(state, int):
-        return state
+    state = _start_state(settings)
+    if state is None:
+        return 2
+    clean = False
     try:
         asyncio.run(serve(state, ring, os.environ[ENV_SOCKET]))
     finally:
-        state.close()
+        clean = state.close()  # workers stop at their next step and hand their jobs back
         ring.close()
+    if not clean:  # a training thread did not stop within the grace period: its job was handed back
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from torch import Tensor
 from server.channel import SlotRing, encode_frame, item_shape, read_frame
 from server.errors import ApiError, translate
 from server.state import AppState
-from vpt.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +79,9 @@ class EngineService:
             if op == "predict":
                 result = await self._predict(msg, blobs, frontend)
             elif op == "ready":
-                result = await asyncio.to_thread(self.state.ready_checks)
+                result = await asyncio.to_thread(self.state.ready_checks, bool(msg.get("details")))
             elif op == "metrics":
                 result = {"text": self.state.metrics.render_engine().decode()}
-            elif op == "submit":
-                result = await asyncio.to_thread(self._submit, msg)
             else:
                 raise ApiError(400, "bad_request", f"unknown channel operation {op!r}")
             self._send(writer, {"id": rid, "ok": result})
@@ -126,8 +122,3 @@ class EngineService:
         return {"version": outcome.version, "results": [[asdict(t) for t in row] for row in outcome.results],
                 "queue_ms": outcome.queue_ms, "forward_ms": outcome.forward_ms,
                 "batch_images": outcome.batch_images}
-
-    def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
-        job = self.state.jobs.submit(str(msg["tenant"]), str(msg["task"]), Path(msg["path"]), str(msg["suffix"]),
-                                     TrainOptions(**msg["options"]))
-        return {"job_id": job.job_id}

@@ -1,6 +1,7 @@
 """The FastAPI app: factory, lifespan (the backbone loads once), request context middleware."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.console import routes as console
 from server.errors import install_handlers, is_oip_path, oip_error_body
 from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.frontend.state import FrontendState
@@ -26,6 +28,15 @@ access = logging.getLogger("vpt.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict:
+    """The next body message, or 408 when the client stalls (idle) or the body takes too long."""
+    wait = min(idle_s, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(receive(), timeout=max(0.0, wait))
+    except TimeoutError:
+        raise StarletteHTTPException(408, "the request body arrived too slowly") from None
 
 
 class RequestContext:
@@ -77,12 +88,16 @@ class RequestContext:
         if declared > limit:
             await self._reject(send, rid, limit, scope["path"])
         else:
-            seen = {"n": 0}
+            seen = {"n": 0, "done": False}
+            deadline = time.monotonic() + self.settings.body_timeout_s
 
             async def counted_receive() -> dict:
-                message = await receive()
+                if seen["done"]:  # the body is in: what follows is a wait for the disconnect
+                    return await receive()
+                message = await _body_chunk(receive, deadline, self.settings.body_idle_timeout_s)
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
+                    seen["done"] = not message.get("more_body", False)
                     if seen["n"] > limit:
                         raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
                 return message
@@ -125,7 +140,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None,
         else:
             app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
         facts = app.state.vpt.backbone.describe()
-        log.info("ready: backbone %s on %s, store %s", facts["name"], facts["device"], settings.store)
+        log.info("ready: backbone %s on %s, store %s", facts["name"], facts["device"], settings.store_redacted)
         try:
             yield
         finally:
@@ -141,7 +156,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None,
                               "Errors are `{\"error\": {\"code\", \"message\"}}`; the Open Inference "
                               "Protocol routes under `/v2` answer `{\"error\": \"<message>\"}`.")
     install_handlers(app)
-    for module in (tasks, jobs, predict, system, oip):
+    for module in (tasks, jobs, predict, system, oip, console):
         app.include_router(module.router)
     app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
     return app

@@ -1,31 +1,29 @@
 """What a front-end process holds: settings, keys, the store, a decoder and its engine connection.
 
-It has no backbone weights, no bank and no batcher: predictions, readiness of the device side,
-engine metrics and job submission go to the engine process over the channel (server/channel.py).
+It has no backbone weights, no bank and no batcher: predictions, readiness of the device side and
+engine metrics go to the engine process over the channel (server/channel.py). Jobs go to the store's
+job queue, which is cross-process: the engine's training workers claim them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from torch import Tensor
 
-from prompt_store.base import Store
 from prompt_store.factory import open_store
-from prompt_store.records import JobRecord
 from server.channel import SlotRing
 from server.engine.batcher import Outcome
 from server.frontend.auth import KeyRing, load_keyring
-from server.frontend.engine_client import EngineClient, unavailable
+from server.frontend.engine_client import EngineClient
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService
 from server.settings import Settings
-from vpt.train import TrainOptions
+from server.state import open_job_queue, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +65,6 @@ class FrontMetrics:
         return generate_latest(registry)
 
 
-class RemoteJobs(JobService):
-    """Job routes' service: reads and cancellation on the store, submission by the engine process
-    (its job queue and training workers live there)."""
-
-    def __init__(self, store: Store, uploads_dir: Path, client: EngineClient) -> None:
-        super().__init__(store, None, uploads_dir)  # type: ignore[arg-type]
-        self.client = client
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def submit(self, tenant: str, task_id: str, upload: Path, suffix: str, options: TrainOptions) -> JobRecord:
-        if self.loop is None:
-            raise unavailable()
-        call = self.client.call({"op": "submit", "tenant": tenant, "task": task_id, "path": str(upload),
-                                 "suffix": suffix, "options": options.to_dict()})
-        ok = asyncio.run_coroutine_threadsafe(call, self.loop).result(timeout=60)
-        return self.store.get_job(tenant, ok["job_id"])
-
-
 class FrontendState:
     def __init__(self, settings: Settings, client: EngineClient) -> None:
         self.settings = settings
@@ -94,7 +74,9 @@ class FrontendState:
         self.metrics = FrontMetrics()
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
-        self.jobs = RemoteJobs(self.store, uploads, client)
+        self.queue = open_job_queue(settings, self.store)  # cross-process: the engine's workers claim
+        self.jobs = JobService(self.store, self.queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,
+                               settings.max_pending_bytes_per_tenant)
         self.backbone: BackboneInfo | None = None
         self.decoder: ImageDecoder | None = None
 
@@ -110,16 +92,15 @@ class FrontendState:
         self.backbone = BackboneInfo(hello["backbone"])
         self.decoder = ImageDecoder(self.settings.max_image_pixels, int(hello["min_side"]),
                                     threads=self.settings.decode_threads)
-        self.jobs.loop = asyncio.get_running_loop()
 
     async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:
         return await self.client.predict(tenant, task, images, top_k)
 
-    async def ready(self) -> dict[str, str]:
+    async def ready(self, details: bool = False) -> dict[str, str]:
         if not self.client.connected:
             return {"engine": "unreachable"}
         try:
-            return await asyncio.wait_for(self.client.call({"op": "ready"}), timeout=5)
+            return await asyncio.wait_for(self.client.call({"op": "ready", "details": details}), timeout=5)
         except Exception as e:  # the engine is gone or stuck: not ready  # noqa: BLE001
             return {"engine": f"unavailable: {type(e).__name__}"}
 
@@ -130,4 +111,5 @@ class FrontendState:
     def close(self) -> None:
         if self.decoder is not None:
             self.decoder.close()
+        self.queue.close()
         self.store.close()

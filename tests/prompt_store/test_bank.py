@@ -10,7 +10,7 @@ from prompt_store.bank import BankFull, PromptBank, TaskUnservable
 from prompt_store.local import LocalStore
 from prompt_store.records import ChangeEvent
 from vpt.backbone import Backbone
-from vpt.engine import deep_prompt_kv, forward_logits
+from vpt.engine import deep_prompt_kv, forward_grouped
 from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
 
 TENANT = "acme"
@@ -72,19 +72,23 @@ def test_hits_misses_and_lru_eviction_by_bytes(store: LocalStore, tiny_backbone:
     assert st.resident_bytes <= st.capacity_bytes
 
 
-def test_pinned_slots_are_never_evicted_and_full_bank_is_typed(store: LocalStore, tiny_backbone: Backbone) -> None:
-    for name in "abc":
+def test_pinned_entries_are_never_evicted_and_full_bank_is_typed(store: LocalStore, tiny_backbone: Backbone) -> None:
+    for name in "abcde":
         put(store, tiny_backbone, name)
     probe = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
     probe.release(probe.acquire(TENANT, ["a"]))
     bank = PromptBank(tiny_backbone, store, 2 * slot_bytes(probe), subscribe=False)
     lease = bank.acquire(TENANT, ["a", "b"])
-    with pytest.raises(BankFull):
-        bank.acquire(TENANT, ["c"])
-    assert {k.task_id for k in bank.resident()} == {"a", "b"}
+    # every resident entry is pinned: c and d are served from copies their leases alone hold
+    held = [bank.acquire(TENANT, ["c"]), bank.acquire(TENANT, ["d"])]
+    assert {k.task_id for k in bank.resident()} == {"a", "b"} and bank.stats().transient == 2
+    with pytest.raises(BankFull):  # past another bank's worth held outside it
+        bank.acquire(TENANT, ["e"])
+    for h in held:
+        bank.release(h)
     bank.release(lease)
-    bank.release(bank.acquire(TENANT, ["c"]))      # now one of them can go
-    assert "c" in {k.task_id for k in bank.resident()}
+    bank.release(bank.acquire(TENANT, ["e"]))      # now one of them can go
+    assert "e" in {k.task_id for k in bank.resident()}
 
 
 def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backbone: Backbone) -> None:
@@ -92,9 +96,9 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     bank = PromptBank(tiny_backbone, store, 10_000_000)
     images = torch.randn(2, 3, 32, 32)
     lease = bank.acquire(TENANT, ["t", "t"])
-    slot = lease.slot_tensor([0, 1])
+    slot = lease.slot_ids([0, 1])
     with torch.inference_mode():
-        before = forward_logits(tiny_backbone, images, lease.table, slot)
+        before = forward_grouped(tiny_backbone, images, lease.table, lease.slots, slot)[0][1]
     snapshot = lease.table.deep_k[:, lease.tasks[0].slot].clone()
     # a new version, wider (more prompts and classes: the table grows), lands while the batch runs
     v2 = put(store, tiny_backbone, "t", p=9, classes=5, seed=2)
@@ -107,7 +111,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
         time.sleep(0.01)
     assert new.tasks[0].key.version == v2 and len(new.tasks[0].classes) == 5
     with torch.inference_mode():
-        after = forward_logits(tiny_backbone, images, lease.table, slot)
+        after = forward_grouped(tiny_backbone, images, lease.table, lease.slots, slot)[0][1]
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     torch.testing.assert_close(lease.table.deep_k[:, lease.tasks[0].slot], snapshot, rtol=0, atol=0)
     bank.release(lease)
@@ -127,7 +131,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     bank.close()
 
 
-def test_mixed_methods_share_one_table(store: LocalStore, tiny_backbone: Backbone) -> None:
+def test_mixed_methods_share_one_batch(store: LocalStore, tiny_backbone: Backbone) -> None:
     put(store, tiny_backbone, "deep", method="vpt-deep", p=6, classes=4)
     put(store, tiny_backbone, "shallow", method="vpt-shallow", p=3, classes=2)
     put(store, tiny_backbone, "lin", method="linear", p=0, classes=7)
@@ -138,8 +142,10 @@ def test_mixed_methods_share_one_table(store: LocalStore, tiny_backbone: Backbon
     assert [int(t.deep_len[r.slot]) for r in lease.tasks] == [6, 0, 0]
     assert [int(t.shallow_len[r.slot]) for r in lease.tasks] == [0, 3, 0]
     with torch.inference_mode():
-        logits = forward_logits(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slot_tensor([0, 1, 2]))
-    assert torch.isfinite(logits[0, :4]).all() and torch.isinf(logits[0, 4:]).all()
+        groups = forward_grouped(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slots, lease.slot_ids([0, 1, 2]))
+    assert sorted((rows, tuple(logits.shape)) for rows, logits in groups) == [([0], (1, 4)), ([1], (1, 2)),
+                                                                               ([2], (1, 7))]
+    assert all(torch.isfinite(logits).all() for _, logits in groups)
     bank.release(lease)
 
 
@@ -165,13 +171,13 @@ def test_a_non_store_failure_leaves_nothing_pinned(store: LocalStore, tiny_backb
     put(store, tiny_backbone, "b")
     bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
     bank.release(bank.acquire(TENANT, ["a"]))
-    monkeypatch.setattr("prompt_store.bank.task_slot_tensors", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr("prompt_store.loading.task_slot_tensors", lambda *a: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):
         bank.acquire_each([(TENANT, "a"), (TENANT, "b")])  # a is pinned first, then loading b fails
     assert all(e.pins == 0 for e in bank._entries.values())
 
 
-def test_reactivating_a_pinned_old_version_reuses_its_slot(store: LocalStore, tiny_backbone: Backbone) -> None:
+def test_reactivating_a_pinned_old_version_reuses_its_tensors(store: LocalStore, tiny_backbone: Backbone) -> None:
     put(store, tiny_backbone, "t", seed=1)
     bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
     old = bank.acquire(TENANT, ["t"])
@@ -181,7 +187,7 @@ def test_reactivating_a_pinned_old_version_reuses_its_slot(store: LocalStore, ti
     store.activate(TENANT, "t", 1)
     bank.on_change(ChangeEvent(TENANT, "t", 1, "activate"))
     again = bank.acquire(TENANT, ["t"])
-    assert again.tasks[0].key.version == 1 and again.tasks[0].slot == old.tasks[0].slot
+    assert again.tasks[0].key.version == 1 and again.slots[0] is old.slots[0]
     assert bank.stats().misses == 2  # version 1 was not loaded twice
     bank.release(old)
     bank.release(again)

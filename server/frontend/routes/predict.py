@@ -13,6 +13,7 @@ from prompt_store.ids import validate_id
 from server.engine.batcher import Outcome
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
+from server.frontend.forms import parse_form
 from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 from server.state import AppState
 
@@ -30,7 +31,9 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
         items = []
-        async with request.form(max_files=s.max_images_per_request + 1, max_fields=8) as form:
+        form = await parse_form(request, max_file_bytes=s.max_image_bytes, max_files=s.max_images_per_request + 1,
+                                max_fields=8)
+        try:
             parts = [v for k, v in form.multi_items() if k == "image"]
             if len(parts) > s.max_images_per_request:
                 raise ApiError(413, "payload_too_large",
@@ -43,6 +46,8 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
                     raise ApiError(413, "payload_too_large",
                                    f"image {part.filename!r} exceeds {s.max_image_bytes} bytes")
                 items.append((data, part.filename))
+        finally:
+            await form.close()
         if not items:
             raise ApiError(400, "bad_request", "send one or more multipart 'image' files")
         return items
