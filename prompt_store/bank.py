@@ -21,7 +21,16 @@ from prompt_store.base import Store
 from prompt_store.errors import BankFull, StoreError, TaskTooLarge, TaskUnservable
 from prompt_store.records import ChangeEvent
 from vpt.backbone import Backbone
-from vpt.engine import PromptTable, SlotTensors, allocate_table, task_slot_tensors, write_slot
+from vpt.engine import (
+    Dims,
+    PromptTable,
+    SlotTensors,
+    allocate_table,
+    merge_dims,
+    slot_bytes,
+    task_slot_tensors,
+    write_slot,
+)
 from vpt.errors import TaskFileError
 from vpt.task import TaskSpec, load_task_file
 
@@ -66,7 +75,7 @@ class Lease:
     def slot_tensor(self, per_request: list[int]) -> Tensor:
         """(B,) slot index per sample, from the index into `tasks` of each sample."""
         return torch.tensor([self.tasks[i].slot for i in per_request], dtype=torch.long,
-                            device=self.table.head_w.device)
+                            device=self.table.device)
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,6 @@ class BankStats:
     resident_tasks: int
     capacity_bytes: int
     slots: int
-
-
-def _slot_bytes(bb: Backbone, P: int, Ps: int, C: int) -> int:
-    elt = torch.empty((), dtype=bb.dtype).element_size()
-    per = 2 * bb.depth * bb.num_heads * P * bb.head_dim + Ps * bb.embed_dim + C * bb.embed_dim + C
-    return per * elt + 3 * 8
 
 
 class PromptBank:
@@ -99,8 +102,8 @@ class PromptBank:
         self._entries: OrderedDict[TaskKey, _Entry] = OrderedDict()   # LRU order: oldest first
         self._current: dict[tuple[str, str], tuple[int, float]] = {}   # (tenant, task) -> (version, seen at)
         self._free: list[int] = []
-        self._dims = (0, 0, 1)                                        # P, Ps, C of the table
-        self._table = allocate_table(backbone, 0, *self._dims)
+        self._dims: Dims = {}                                         # field -> (widest shape, dtype)
+        self._table = allocate_table(backbone, 0, self._dims)
         self.hits = self.misses = self.evictions = 0
         self._subscription = store.subscribe(self.on_change) if subscribe else None
 
@@ -173,7 +176,7 @@ class PromptBank:
 
     def stats(self) -> BankStats:
         with self._lock:
-            per = _slot_bytes(self.backbone, *self._dims)
+            per = slot_bytes(self._table_dims())
             return BankStats(self.hits, self.misses, self.evictions, per * len(self._entries), len(self._entries),
                              self.capacity_bytes, self._table.slots)
 
@@ -215,10 +218,8 @@ class PromptBank:
         return self._insert(key, loaded.spec, tensors)
 
     def _insert(self, key: TaskKey, spec: TaskSpec, tensors: SlotTensors) -> _Entry:
-        P = max(self._dims[0], tensors.deep_k.shape[2] if tensors.deep_k is not None else 0)
-        Ps = max(self._dims[1], tensors.shallow.shape[0] if tensors.shallow is not None else 0)
-        C = max(self._dims[2], tensors.head_w.shape[0])
-        per = _slot_bytes(self.backbone, P, Ps, C)
+        dims = merge_dims(self._dims, tensors.dims())
+        per = slot_bytes(dims)
         if per > self.capacity_bytes:
             raise TaskTooLarge(f"task {key.task_id!r} needs a {per}-byte slot, more than the whole bank "
                                f"({self.capacity_bytes} bytes, VPT_BANK_BYTES)")
@@ -228,8 +229,8 @@ class PromptBank:
                 raise BankFull(f"bank full: {len(self._entries)} tasks pinned by in-flight batches "
                                f"({self.capacity_bytes} bytes)")
             self._evict(victim)
-        if (P, Ps, C) != self._dims or not self._free:
-            self._grow(P, Ps, C, per)
+        if dims != self._dims or not self._free:
+            self._grow(dims, per)
         slot = self._free.pop()
         write_slot(self._table, slot, tensors)
         entry = _Entry(key=key, slot=slot, spec=spec, tensors=tensors)
@@ -237,7 +238,10 @@ class PromptBank:
         log.debug("bank: loaded %s into slot %d", key, slot)
         return entry
 
-    def _grow(self, P: int, Ps: int, C: int, per: int) -> None:
+    def _table_dims(self) -> Dims:
+        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in self._table.tensors.items()}
+
+    def _grow(self, dims: Dims, per: int) -> None:
         """A new table with room for one more entry; live entries are compacted into it.
 
         Leases taken before keep the old table and their old slot numbers, so they read unchanged
@@ -246,12 +250,12 @@ class PromptBank:
         needed = len(self._entries) + 1
         grown = self._table.slots * 2 if not self._free else self._table.slots
         slots = min(max(4, grown, needed), max(needed, self.capacity_bytes // per))
-        table = allocate_table(self.backbone, slots, P, Ps, C)
+        table = allocate_table(self.backbone, slots, dims)
         for i, entry in enumerate(self._entries.values()):
             entry.slot = i
             write_slot(table, i, entry.tensors)
         self._free = list(range(slots - 1, len(self._entries) - 1, -1))
-        self._table, self._dims = table, (P, Ps, C)
+        self._table, self._dims = table, dims
 
     def _unpin(self, entry: _Entry) -> None:
         entry.pins -= 1
