@@ -1,6 +1,6 @@
 """Training one task on the frozen backbone: the VPT recipe (vpt-spec §4) through the serving path.
 
-Only the task's prompts and head learn. SGD with momentum 0.9, lr = base_lr * batch_size / 256,
+Only the task's method tensors (prompts, biases, adapters, a partial block) and head learn. SGD with momentum 0.9, lr = base_lr * batch_size / 256,
 weight decay on prompts and head weight (not the head bias), linear warmup then cosine decay
 stepped every iteration, per-sample prompt dropout, cross-entropy. After each epoch the model is
 scored on the validation set; the best epoch's parameters are restored at the end.
@@ -25,7 +25,9 @@ from vpt.backbone import Backbone
 from vpt.engine import forward_logits, training_table
 from vpt.errors import VPTError
 from vpt.metrics import accuracy
-from vpt.task import MAX_PROMPTS, METHODS, TaskParams, TaskSpec
+from vpt.errors import TaskSpecError
+from vpt.methods import POOLINGS, head_component, parse_method
+from vpt.task import MAX_PROMPTS, MAX_REDUCTION, TaskParams, TaskSpec, parse_layers
 from vpt.transforms import AUGMENTATIONS
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ MIXED_PRECISION = ("auto", "bf16", "off")
 KEEP = ("best", "last")
 MOMENTUM = 0.9
 LR_REFERENCE_BATCH = 256  # lr = base_lr * batch_size / 256 (vpt-spec §4.2)
+AUTO_METHODS = ("linear", "vpt-shallow", "vpt-deep", "bias", "adapter")  # method=auto's default candidates
 
 
 class TrainingError(VPTError):
@@ -98,6 +101,11 @@ class TrainOptions:
 
     method: str = "vpt-deep"
     num_prompts: int = 10
+    head: str = "linear"
+    pooling: str = "cls"
+    prompt_layers: str | None = None
+    adapter_reduction: int = 64
+    auto_methods: tuple[str, ...] = AUTO_METHODS
     epochs: int = 100
     batch_size: int = 64
     base_lr: float = 1.0
@@ -113,7 +121,8 @@ class TrainOptions:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in (("method", METHODS), ("augmentation", AUGMENTATIONS), ("sweep", SWEEPS),
+        self._check_method()
+        for name, allowed in (("augmentation", AUGMENTATIONS), ("sweep", SWEEPS), ("pooling", POOLINGS),
                               ("keep", KEEP), ("mixed_precision", MIXED_PRECISION)):
             _check(getattr(self, name) in allowed, name, f"must be one of {list(allowed)}, "
                    f"got {getattr(self, name)!r}")
@@ -138,6 +147,34 @@ class TrainOptions:
         _check(_is_int(self.num_workers) and 0 <= self.num_workers <= 64, "num_workers",
                f"must be an integer in 0..64, got {self.num_workers!r}")
 
+    def _check_method(self) -> None:
+        """The method (or `auto` with its candidates), head and method options, as TaskSpec checks them."""
+        if isinstance(self.auto_methods, list):
+            object.__setattr__(self, "auto_methods", tuple(self.auto_methods))
+        _check(isinstance(self.auto_methods, tuple) and 1 <= len(self.auto_methods) <= 16, "auto_methods",
+               f"must be a list of 1..16 methods, got {self.auto_methods!r}")
+        checks = [("method", self.method)] if self.method != "auto" else []
+        for name, value in checks + [("auto_methods", m) for m in self.auto_methods]:
+            try:
+                parse_method(value)
+            except TaskSpecError as e:
+                raise TrainOptionsError(f"{name}: {e}", field=name) from None
+        _check(self.method != "auto" or self.sweep == "none", "sweep",
+               "method auto trains each candidate once; it cannot be combined with a sweep")
+        r = self.adapter_reduction
+        _check(_is_int(r) and 1 <= r <= MAX_REDUCTION, "adapter_reduction",
+               f"must be an integer in 1..{MAX_REDUCTION}, got {r!r}")
+        for name, check in (("head", lambda: head_component(self.head)),
+                            ("prompt_layers", lambda: parse_layers(self.prompt_layers))):
+            try:
+                check()
+            except (TaskSpecError, TypeError, AttributeError) as e:
+                raise TrainOptionsError(f"{name}: {e}", field=name) from None
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return () if self.method == "auto" else parse_method(self.method)
+
     @property
     def lr(self) -> float:
         """The learning rate SGD uses: base_lr scaled linearly by batch_size / 256."""
@@ -149,21 +186,28 @@ class TrainOptions:
 
     @property
     def resolved_prompt_dropout(self) -> float:
-        if self.method == "linear":
+        if not {"vpt-deep", "vpt-shallow"} & set(self.components):
             return 0.0
         if self.prompt_dropout is not None:
             return float(self.prompt_dropout)
-        return 0.1 if self.method == "vpt-deep" else 0.0
+        return 0.1 if "vpt-deep" in self.components else 0.0
 
     def spec(self, classes: Sequence[str]) -> TaskSpec:
-        prompts = 0 if self.method == "linear" else self.num_prompts
-        return TaskSpec(self.method, prompts, tuple(classes), self.resolved_prompt_dropout)
+        """The task this training makes; TrainOptionsError when the options do not fit together."""
+        try:
+            return TaskSpec(self.method, self.num_prompts, tuple(classes), self.resolved_prompt_dropout,
+                            head=self.head, pooling=self.pooling, prompt_layers=parse_layers(self.prompt_layers),
+                            adapter_reduction=self.adapter_reduction)
+        except TaskSpecError as e:
+            raise TrainOptionsError(str(e), field="method") from None
 
     def replace(self, **changes: Any) -> TrainOptions:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["auto_methods"] = list(self.auto_methods)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainOptions:
@@ -214,6 +258,8 @@ class ProgressEvent:
     fraction: float
     base_lr: float
     weight_decay: float
+    method: str | None = None          # the candidate being trained, under method=auto
+    leaderboard: list[dict[str, Any]] | None = None   # method=auto: candidates finished so far
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,6 +276,8 @@ class Progress:
         self.runs, self.steps_per_run, self.on_progress = runs, steps_per_run, on_progress
         self.run = 1
         self.done = 0
+        self.method: str | None = None
+        self.leaderboard: list[dict[str, Any]] | None = None
         self.started = time.perf_counter()
 
     def emit(self, **fields: Any) -> None:
@@ -239,7 +287,8 @@ class Progress:
         eta = elapsed / self.done * (total - self.done) if self.done else None
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(run=self.run, runs=self.runs, steps=self.steps_per_run, eta_s=eta,
-                                           fraction=self.done / total, **fields))
+                                           fraction=self.done / total, method=self.method,
+                                           leaderboard=self.leaderboard, **fields))
 
 
 @dataclass
@@ -272,10 +321,11 @@ def amp_enabled(options: TrainOptions, device: torch.device) -> bool:
 
 
 def make_optimizer(params: TaskParams, options: TrainOptions) -> torch.optim.SGD:
-    """SGD, momentum 0.9; weight decay on prompts and head weight, none on the head bias."""
-    decayed = [p for name, p in params.named_parameters() if name != "head.bias"]
+    """SGD, momentum 0.9; weight decay on every trainable tensor but the head's last bias (as the official code)."""
+    exempt = [p for _, comp, module in params.components() if module is not None for p in comp.no_decay(module)]
+    decayed = [p for p in params.parameters() if all(p is not q for q in exempt)]
     groups = [{"params": decayed, "weight_decay": options.weight_decay},
-              {"params": [params.head.bias], "weight_decay": 0.0}]
+              {"params": exempt, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=options.lr, momentum=MOMENTUM)
 
 
@@ -327,7 +377,10 @@ def _train_step(backbone: Backbone, params: TaskParams, optimizer: torch.optim.S
 def _check_gradients(params: TaskParams) -> None:
     """The frozen path must carry gradients to every trainable tensor. A forward-only attention
     kernel cuts them silently: deep prompts get no gradient, shallow prompts an all-zero one."""
-    missing = [name for name, p in params.named_parameters() if p.grad is None or not bool(p.grad.any())]
+    may_be_zero = [p for _, comp, module in params.components() if module is not None
+                   for p in comp.zero_grad_ok(module)]
+    missing = [name for name, p in params.named_parameters()
+               if p.grad is None or (not bool(p.grad.any()) and all(p is not q for q in may_be_zero))]
     if missing:
         raise TrainingError(f"no gradient reached {missing}; the attention backend in use has no backward "
                             "pass (use the torch backend for training)", code="no_gradient")
@@ -348,7 +401,10 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
     rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(options.seed)  # prompt dropout and augmentation draw from the global generator
-        params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
+        try:
+            params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
+        except TaskSpecError as e:
+            raise TrainOptionsError(str(e), field="method") from None
         optimizer = make_optimizer(params, options)
         shuffle = torch.Generator().manual_seed(options.seed + 1)
         loader = make_loader(train_set, options.batch_size, True, shuffle, options, dev)

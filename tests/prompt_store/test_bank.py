@@ -10,7 +10,8 @@ from prompt_store.bank import BankFull, PromptBank, TaskUnservable
 from prompt_store.local import LocalStore
 from prompt_store.records import ChangeEvent
 from vpt.backbone import Backbone
-from vpt.engine import deep_prompt_kv, forward_logits
+from vpt.blocks import prompt_kv
+from vpt.engine import forward_logits
 from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
 
 TENANT = "acme"
@@ -46,10 +47,11 @@ def test_loaded_kv_equal_the_engines_own_computation(store: LocalStore, tiny_bac
     from vpt.task import load_task_file
 
     params = load_task_file(blob, tiny_backbone).params
-    k, v = deep_prompt_kv(tiny_backbone, params.prompts[None])
+    kv = [prompt_kv(blk, params.prompts[i][None]) for i, blk in enumerate(tiny_backbone.model.blocks)]
     s = lease.tasks[0].slot
-    torch.testing.assert_close(lease.table.deep_k[:, s, :, :5], k[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(lease.table.deep_v[:, s, :, :5], v[:, 0], rtol=0, atol=0)
+    table = lease.table.tensors                                              # deep_k: (S, L, H, P, hd)
+    torch.testing.assert_close(table["deep_k"][s, :, :, :5], torch.stack([k[0] for k, _ in kv]), rtol=0, atol=0)
+    torch.testing.assert_close(table["deep_v"][s, :, :, :5], torch.stack([v[0] for _, v in kv]), rtol=0, atol=0)
     assert lease.table.num_classes[s] == 3 and lease.tasks[0].classes == ("c0", "c1", "c2")
     bank.release(lease)
     bank.close()
@@ -95,7 +97,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     slot = lease.slot_tensor([0, 1])
     with torch.inference_mode():
         before = forward_logits(tiny_backbone, images, lease.table, slot)
-    snapshot = lease.table.deep_k[:, lease.tasks[0].slot].clone()
+    snapshot = lease.table.tensors['deep_k'][lease.tasks[0].slot].clone()
     # a new version, wider (more prompts and classes: the table grows), lands while the batch runs
     v2 = put(store, tiny_backbone, "t", p=9, classes=5, seed=2)
     deadline = time.monotonic() + 2
@@ -109,7 +111,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     with torch.inference_mode():
         after = forward_logits(tiny_backbone, images, lease.table, slot)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    torch.testing.assert_close(lease.table.deep_k[:, lease.tasks[0].slot], snapshot, rtol=0, atol=0)
+    torch.testing.assert_close(lease.table.tensors['deep_k'][lease.tasks[0].slot], snapshot, rtol=0, atol=0)
     bank.release(lease)
     assert [k.version for k in bank.resident()] == [v2]   # the old version is freed once unpinned
     bank.release(new)
@@ -135,8 +137,8 @@ def test_mixed_methods_share_one_table(store: LocalStore, tiny_backbone: Backbon
     lease = bank.acquire(TENANT, ["deep", "shallow", "lin"])
     t = lease.table
     assert [int(t.num_classes[r.slot]) for r in lease.tasks] == [4, 2, 7]
-    assert [int(t.deep_len[r.slot]) for r in lease.tasks] == [6, 0, 0]
-    assert [int(t.shallow_len[r.slot]) for r in lease.tasks] == [0, 3, 0]
+    assert [int(t.tensors['deep_len'][r.slot].max()) for r in lease.tasks] == [6, 0, 0]
+    assert [int(t.lengths['shallow'][r.slot]) for r in lease.tasks] == [0, 3, 0]
     with torch.inference_mode():
         logits = forward_logits(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slot_tensor([0, 1, 2]))
     assert torch.isfinite(logits[0, :4]).all() and torch.isinf(logits[0, 4:]).all()
