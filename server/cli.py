@@ -29,8 +29,8 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
-    from server.auth import AuthConfigError, load_keyring
+    from server.frontend.app import create_app
+    from server.frontend.auth import AuthConfigError, load_keyring
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -88,7 +88,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from server.auth import hash_key
+    from server.frontend.auth import hash_key
 
     print(hash_key(args.key))
     return 0

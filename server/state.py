@@ -12,9 +12,9 @@ from prompt_store.bank import PromptBank
 from prompt_store.base import Store
 from prompt_store.factory import open_queue, open_store
 from prompt_store.queue import JobQueue
-from server.auth import KeyRing, load_keyring
-from server.batcher import Batcher
-from server.images import ImageDecoder
+from server.frontend.auth import KeyRing, load_keyring
+from server.engine.batcher import Batcher
+from server.frontend.images import ImageDecoder
 from server.jobs import JobService, TrainingWorker, fail_interrupted
 from server.metrics import Metrics
 from server.settings import Settings

@@ -6,7 +6,7 @@ import hashlib
 import httpx
 import pytest
 
-from server.auth import AuthConfigError, KeyRing, hash_key, load_keyring, parse_keys
+from server.frontend.auth import AuthConfigError, KeyRing, hash_key, load_keyring, parse_keys
 from tests.fixtures.digits import make_digits_zip
 from tests.server.helpers import backbone_for, constant_task, png
 

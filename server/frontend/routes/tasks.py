@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from prompt_store.ids import validate_id
-from server.deps import State, Tenant
+from server.frontend.deps import State, Tenant
 from server.errors import ApiError
-from server.schemas import ErrorOut, TaskList, TaskOut, VersionList, task_out, version_out
+from server.frontend.schemas import ErrorOut, TaskList, TaskOut, VersionList, task_out, version_out
 from vpt.errors import TaskFileError
 from vpt.task import load_task_file, read_metadata
 

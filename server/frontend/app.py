@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import install_handlers
-from server.routes import jobs, predict, system, tasks
+from server.frontend.routes import jobs, predict, system, tasks
 from server.settings import Settings
 from server.state import AppState
 

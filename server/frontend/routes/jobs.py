@@ -15,9 +15,9 @@ from starlette.datastructures import UploadFile
 
 from prompt_store.ids import validate_id
 from prompt_store.records import JOB_STATES, TERMINAL_STATES
-from server.deps import State, Tenant
+from server.frontend.deps import State, Tenant
 from server.errors import ApiError
-from server.schemas import ErrorOut, JobList, JobOut, job_out
+from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
 from vpt.train import TrainOptions, TrainOptionsError
 
 router = APIRouter(tags=["jobs"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})

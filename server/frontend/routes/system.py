@@ -7,9 +7,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from prompt_store.errors import StoreError
-from server.deps import State, Tenant, is_loopback
+from server.frontend.deps import State, Tenant, is_loopback
 from server.errors import ApiError
-from server.schemas import BackboneOut
+from server.frontend.schemas import BackboneOut
 
 router = APIRouter(tags=["system"])
 

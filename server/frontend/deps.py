@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.auth import DEFAULT_TENANT
+from server.frontend.auth import DEFAULT_TENANT
 from server.errors import ApiError
 from server.state import AppState
 

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
 from prompt_store.ids import validate_id
-from server.deps import State, Tenant
+from server.frontend.deps import State, Tenant
 from server.errors import ApiError
-from server.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
+from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 
 router = APIRouter(tags=["predict"])
 
