@@ -29,7 +29,9 @@ _OPTION_FLAGS = {"method": "method", "prompts": "num_prompts", "epochs": "epochs
                  "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
                  "prompt_dropout": "prompt_dropout", "augmentation": "augmentation", "sweep": "sweep",
                  "seed": "seed", "val_fraction": "val_fraction", "keep": "keep",
-                 "mixed_precision": "mixed_precision", "workers": "num_workers"}
+                 "mixed_precision": "mixed_precision", "workers": "num_workers", "head": "head",
+                 "pooling": "pooling", "prompt_layers": "prompt_layers", "adapter_reduction": "adapter_reduction",
+                 "auto_methods": "auto_methods"}
 _BACKBONE_FLAGS = ("backbone", "backbone_weights", "backbone_kwargs", "device", "dtype")  # Settings fields
 
 
@@ -57,7 +59,13 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("dataset", type=Path, help="dataset archive or directory")
     t.add_argument("--task", help="task name, recorded in the file; the default output is TASK.safetensors")
     t.add_argument("--out", type=Path, help="output task file")
-    t.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"))
+    t.add_argument("--method", help="linear, or +-joined vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias), or auto")
+    t.add_argument("--head", help="linear or mlp-k (k in 2..8)")
+    t.add_argument("--pooling", choices=("cls", "image_mean", "prompt_mean", "all_mean"))
+    t.add_argument("--prompt-layers", help="vpt-deep: blocks i-j (inclusive) that get prompts")
+    t.add_argument("--adapter-reduction", type=int, help="adapter bottleneck d/r (the paper: 8, 64, 256)")
+    t.add_argument("--auto-methods", type=lambda v: tuple(v.split(",")),
+                   help="method auto: comma-separated candidate methods")
     t.add_argument("--prompts", type=int, help="prompts per layer (ignored for linear)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -229,6 +237,10 @@ def _train(args: argparse.Namespace) -> int:
     acc = "n/a (no validation images)" if m["val_accuracy"] is None else f"{m['val_accuracy']:.4f}"
     print(f"{result.spec.method}: val accuracy {acc}, best epoch {m['best_epoch']}/{options.epochs}, "
           f"{m['trainable_parameters']['total']} trainable parameters, {m['train_time_s']:.1f} s")
+    for row in (m.get("auto") or {}).get("leaderboard", []):
+        acc = "diverged" if row["diverged"] else f"{row['val_accuracy']:.4f}"
+        print(f"  auto: {row['method']:<24} val accuracy {acc}, {row['trainable_parameters']} trainable parameters, "
+              f"{row['train_time_s']} s")
     print(f"wrote {out} ({len(result.task_file)} bytes)")
     return 0
 

@@ -197,10 +197,18 @@ def save_task_file(params: TaskParams, backbone: Backbone, extra: dict[str, Any]
         "classes": json.dumps(list(spec.classes)), "prompt_dropout": repr(spec.prompt_dropout),
         "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint,
         "created_at": repr(time.time()),
+        "trainable_parameters": str(params.num_trainable()["total"]),
+        "bank_values": str(bank_values(params, backbone)),
     }
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return st_save(tensors, metadata=meta)
+
+
+def bank_values(params: TaskParams, backbone: Backbone) -> int:
+    """Scalars the bank holds for this task (times the serving dtype's size = its bank bytes)."""
+    with torch.inference_mode():
+        return sum(t[0].numel() for t in params.slot_tensors(backbone).values())
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:

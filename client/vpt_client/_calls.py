@@ -20,8 +20,13 @@ from vpt_client.models import Backbone, Health, Job, Prediction, Readiness, Task
 class TrainOptions(TypedDict, total=False):
     """Training options, sent as form fields; the server fills in what is left out."""
 
-    method: str  # "linear", "vpt-shallow" or "vpt-deep"
+    method: str  # "linear", "+"-joined components (e.g. "vpt-deep+bias"), or "auto"
     num_prompts: int
+    head: str  # "linear" or "mlp-k"
+    pooling: str  # "cls", "image_mean", "prompt_mean" or "all_mean"
+    prompt_layers: str  # vpt-deep: "i-j", inclusive blocks with prompts
+    adapter_reduction: int
+    auto_methods: list[str]  # method "auto": the candidates
     epochs: int
     batch_size: int
     base_lr: float

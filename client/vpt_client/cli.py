@@ -33,7 +33,10 @@ def cmd_train(client: Client, args: argparse.Namespace) -> int:
     options = {"method": args.method, "num_prompts": args.prompts, "epochs": args.epochs,
                "batch_size": args.batch_size, "base_lr": args.lr, "weight_decay": args.weight_decay,
                "prompt_dropout": args.prompt_dropout, "sweep": args.sweep, "seed": args.seed,
-               "val_fraction": args.val_fraction, "warmup_epochs": args.warmup_epochs}
+               "val_fraction": args.val_fraction, "warmup_epochs": args.warmup_epochs, "head": args.head,
+               "pooling": args.pooling, "prompt_layers": args.prompt_layers,
+               "adapter_reduction": args.adapter_reduction,
+               "auto_methods": args.auto_methods.split(",") if args.auto_methods else None}
     upload = fmt.UploadProgress(sys.stderr, Path(args.dataset).name, enabled=not args.json)
     handle = client.train(args.task, args.dataset, on_upload=upload, **options)
     upload.finish()
@@ -240,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task")
     p.add_argument("dataset", metavar="DIR_OR_ARCHIVE")
-    p.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"), help="default: the server's")
+    p.add_argument("--method", help="linear, or +-joined vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias), or auto; default: the server's")
+    p.add_argument("--head", help="linear or mlp-k (k in 2..8)")
+    p.add_argument("--pooling", choices=("cls", "image_mean", "prompt_mean", "all_mean"))
+    p.add_argument("--prompt-layers", help="vpt-deep: blocks i-j (inclusive) that get prompts")
+    p.add_argument("--adapter-reduction", type=int, help="adapter bottleneck d/r (the paper: 8, 64, 256)")
+    p.add_argument("--auto-methods", help="method auto: comma-separated candidate methods")
     p.add_argument("--prompts", type=int, help="prompt tokens per layer (num_prompts)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

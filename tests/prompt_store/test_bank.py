@@ -5,14 +5,18 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 
 from prompt_store.bank import BankFull, PromptBank, TaskUnservable
 from prompt_store.local import LocalStore
 from prompt_store.records import ChangeEvent
-from vpt.backbone import Backbone
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.vpt.reference_methods import reference_logits
+from tests.vpt.test_methods import TASKS, make_spec, randomised
+from vpt.backbone import Backbone, load_backbone
 from vpt.blocks import prompt_kv
 from vpt.engine import forward_logits
-from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
+from vpt.task import TaskParams, TaskSpec, load_task_file, read_metadata, save_task_file
 
 TENANT = "acme"
 
@@ -44,8 +48,6 @@ def test_loaded_kv_equal_the_engines_own_computation(store: LocalStore, tiny_bac
     store.put_task(TENANT, "t", blob, read_metadata(blob))
     bank = PromptBank(tiny_backbone, store, 10_000_000)
     lease = bank.acquire(TENANT, ["t"])
-    from vpt.task import load_task_file
-
     params = load_task_file(blob, tiny_backbone).params
     kv = [prompt_kv(blk, params.prompts[i][None]) for i, blk in enumerate(tiny_backbone.model.blocks)]
     s = lease.tasks[0].slot
@@ -230,3 +232,27 @@ def test_a_publish_reaches_another_replicas_bank_quickly(redis_fresh_url: str, t
     bank.close()
     writer.close()
     reader.close()
+
+
+def test_bank_serves_a_batch_mixing_every_method_exactly(store: LocalStore) -> None:
+    """Every method's slot tensors travel through the store and the bank into one mixed batch."""
+    torch.manual_seed(0)
+    bb = load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS, dtype=torch.float64)
+    names = []
+    for i, t in enumerate(TASKS):
+        blob = save_task_file(randomised(bb, make_spec(*t), seed=i), bb)
+        store.put_task(TENANT, f"t{i}", blob, read_metadata(blob))
+        names.append(f"t{i}")
+    bank = PromptBank(bb, store, 10**9, subscribe=False)
+    lease = bank.acquire(TENANT, names)
+    images = torch.randn(len(names), 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        logits = forward_logits(bb, images, lease.table, lease.slot_tensor(list(range(len(names)))))
+        for i, name in enumerate(names):
+            blob = store.get_task(TENANT, name, 1)[1]
+            spec = load_task_file(blob, bb).spec
+            files = {k: v.double() for k, v in st_load(blob).items()}
+            ref = reference_logits(bb, images[i], spec, files)
+            torch.testing.assert_close(logits[i, :spec.num_classes], ref, rtol=0, atol=1e-10)
+    assert bank.stats().resident_bytes > 8 * sum(p.numel() for p in bb.model.blocks[-1].parameters())
+    bank.release(lease)

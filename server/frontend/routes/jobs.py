@@ -22,9 +22,10 @@ from vpt.train import TrainOptions, TrainOptionsError
 
 router = APIRouter(tags=["jobs"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
 
-_INT = {"num_prompts", "epochs", "batch_size", "seed", "warmup_epochs", "num_workers"}
+_INT = {"num_prompts", "epochs", "batch_size", "seed", "warmup_epochs", "num_workers", "adapter_reduction"}
 _FLOAT = {"base_lr", "weight_decay", "prompt_dropout", "val_fraction"}
-_STR = {"method", "sweep", "augmentation", "keep", "mixed_precision"}
+_STR = {"method", "sweep", "augmentation", "keep", "mixed_precision", "head", "pooling", "prompt_layers"}
+_LIST = {"auto_methods"}   # comma-separated
 _ALIASES = {"prompts": "num_prompts", "lr": "base_lr"}
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar")
 
@@ -34,7 +35,15 @@ TRAIN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
         "dataset": {"type": "string", "format": "binary",
                     "description": ".zip/.tar/.tar.gz: a folder per class (optional train/ and val/), "
                                    "or images plus manifest.csv / manifest.jsonl (file_name, label)"},
-        "method": {"type": "string", "enum": ["linear", "vpt-shallow", "vpt-deep"], "default": "vpt-deep"},
+        "method": {"type": "string", "default": "vpt-deep",
+                   "description": "linear, or '+'-joined components of vpt-shallow|vpt-deep, bias, adapter, "
+                                  "partial-1 (e.g. vpt-deep+bias); or auto (train auto_methods, keep the best)"},
+        "head": {"type": "string", "default": "linear", "description": "linear or mlp-k (k in 2..8)"},
+        "pooling": {"type": "string", "enum": ["cls", "image_mean", "prompt_mean", "all_mean"], "default": "cls"},
+        "prompt_layers": {"type": "string", "description": "vpt-deep: blocks i-j (inclusive) with prompts"},
+        "adapter_reduction": {"type": "integer", "default": 64, "description": "adapter bottleneck d/r"},
+        "auto_methods": {"type": "string", "description": "method=auto: comma-separated candidates",
+                         "default": "linear,vpt-shallow,vpt-deep,bias,adapter"},
         "num_prompts": {"type": "integer", "default": 10}, "epochs": {"type": "integer", "default": 100},
         "batch_size": {"type": "integer", "default": 64}, "base_lr": {"type": "number", "default": 1.0},
         "weight_decay": {"type": "number", "default": 0.001}, "prompt_dropout": {"type": "number"},
@@ -56,10 +65,15 @@ def parse_options(fields: dict[str, str], max_prompts: int = 1024, max_workers: 
                 opts[name] = float(value)
             elif name in _STR:
                 opts[name] = value
+            elif name in _LIST:   # a JSON list (the SDK) or comma-separated names
+                items = json.loads(value) if value.startswith("[") else value.split(",")
+                if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                    raise ApiError(400, "invalid_parameter", f"option {raw_name!r} must be a list of names")
+                opts[name] = tuple(v.strip() for v in items if v.strip())
             else:
                 raise ApiError(400, "invalid_parameter", f"unknown training option {raw_name!r}")
-        except ValueError as e:
-            raise ApiError(400, "invalid_parameter", f"option {raw_name!r}: {value[:40]!r} is not a number") from e
+        except ValueError as e:   # json.JSONDecodeError included
+            raise ApiError(400, "invalid_parameter", f"option {raw_name!r}: {value[:40]!r} is malformed") from e
     if opts.get("num_prompts", 0) > max_prompts:
         raise ApiError(400, "invalid_parameter", f"num_prompts must be at most {max_prompts} on this server",
                        details={"field": "num_prompts"})
