@@ -36,7 +36,7 @@ class AdapterBlock(nn.Module):
 
 class Adapter(Component):
     name = "adapter"
-    fields = tuple(Field(f) for f in _FIELDS)
+    fields = tuple(Field(f, length_dim=1 if f == "ad_db" else None) for f in _FIELDS)
 
     def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
         r = spec.adapter_reduction
@@ -80,7 +80,8 @@ class Adapter(Component):
         return out   # (1, L, m, d), (1, L, m), (1, L, d, m), (1, L, d)
 
     def prepare(self, ctx: BatchContext) -> None:
-        ctx.mlp_hooks.append(_apply)
+        if bool((ctx.length("ad_db") > 0).any()):   # some sample of this batch has an adapter
+            ctx.mlp_hooks.append(_apply)
 
 
 def _apply(ctx: BatchContext, layer: int, m: Tensor) -> Tensor:

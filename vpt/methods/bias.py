@@ -70,7 +70,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 class Bias(Component):
     name = "bias"
-    fields = (Field("bias"),)
+    fields = (Field("bias", length_dim=0),)
 
     def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
         if backbone is None:
@@ -106,6 +106,8 @@ class Bias(Component):
         return {"bias": (module.values.to(bb.device, bb.dtype) - base)[None]}             # (1, n) change
 
     def prepare(self, ctx: BatchContext) -> None:
+        if not bool((ctx.length("bias") > 0).any()):   # no sample of this batch tunes biases: add nothing
+            return
         delta = ctx.gather("bias")                                                          # (B, n)
         at = 0
         for name, shape in bias_names(ctx.backbone):
