@@ -1,11 +1,17 @@
 """End-to-end serving: concurrent HTTP clients over mixed tasks vs the offline engine at the same batch size.
 
     .venv/bin/python bench/serve.py [--model vit_base_patch16_224] [--clients 32] [--tasks 8] [--seconds 30]
+        [--training [--train-epochs 40]]
 
 Starts its own `vpt-serve serve` process (random backbone weights saved to a temp file, so the
 server and this script share one fingerprint), imports `--tasks` vpt-deep tasks, measures the
 engine offline first, then drives the server with `--clients` threads for `--seconds`, then times
 how long a newly imported version takes to be served. Prints one JSON line.
+
+`--training` adds the case "training in the background": the server runs one in-process training
+worker; serving img/s is measured with it idle, then while a training job (vpt-deep, random
+images) runs, and the job is then waited for. Prints a second JSON line (ratio, job outcome, and
+the training steps done during the window: serving first, training still progresses).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -63,7 +70,7 @@ def engine_img_s(bb, tasks: list[TaskParams], batch: int, reps: int) -> float:
 def start_server(args: argparse.Namespace, weights: Path, store: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "VPT_BACKBONE": args.model, "VPT_BACKBONE_WEIGHTS": str(weights),
            "VPT_BACKBONE_KWARGS": json.dumps(args.kwargs), "VPT_STORE": str(store), "VPT_PORT": str(port),
-           "VPT_WORKERS": "0", "VPT_MAX_BATCH_SIZE": str(args.batch), "VPT_MAX_WAIT_MS": str(args.wait_ms),
+           "VPT_WORKERS": "1" if args.training else "0", "VPT_MAX_BATCH_SIZE": str(args.batch), "VPT_MAX_WAIT_MS": str(args.wait_ms),
            "VPT_QUEUE_LIMIT": "4096", "VPT_LOG_LEVEL": "warning", "VPT_REQUEST_TIMEOUT_S": "600"}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -148,6 +155,50 @@ def batch_stats(url: str) -> dict[str, float]:
     return {"batches": int(count), "mean_batch": round(values.get("vpt_batch_images_sum", 0.0) / count, 2) if count else 0}
 
 
+def dataset_zip(path: Path, size: int, classes: int = 4, per_class: int = 50) -> Path:
+    """A folder-layout training set of random PNGs (speed does not depend on what they show)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for c in range(classes):
+            for i in range(per_class):
+                zf.writestr(f"c{c}/{i}.png", png(1000 * c + i, size))
+    return path
+
+
+def job_steps(c: httpx.Client, job_id: str) -> tuple[str, int]:
+    job = c.get(f"/jobs/{job_id}").json()
+    return job["state"], int((job.get("progress") or {}).get("step") or 0)
+
+
+def training_case(args: argparse.Namespace, url: str, names: list[str], images: list[bytes], idle: float,
+                  size: int, tmp: Path) -> dict:
+    """Serving img/s while an embedded training job runs, vs idle; then the job must finish."""
+    with httpx.Client(base_url=url, timeout=600) as c:
+        archive = dataset_zip(tmp / "train.zip", size)
+        r = c.post("/tasks/background/train", files={"dataset": ("train.zip", archive.read_bytes())},
+                   data={"epochs": str(args.train_epochs), "batch_size": "16", "num_prompts": "10",
+                         "val_fraction": "0.1"})
+        r.raise_for_status()
+        job_id = r.json()["job_id"]
+        t_submit = time.perf_counter()
+        while (s := job_steps(c, job_id))[1] < 1:  # running and past its first step
+            if s[0] not in ("queued", "running"):
+                raise SystemExit(f"the training job ended before the window: {c.get(f'/jobs/{job_id}').text}")
+            time.sleep(0.2)
+        steps0 = job_steps(c, job_id)[1]
+        latencies, errors, _ = load(url, names, images, args.clients, args.seconds)
+        state, steps1 = job_steps(c, job_id)
+        while state in ("queued", "running"):
+            time.sleep(0.5)
+            state, _ = job_steps(c, job_id)
+        job_s = time.perf_counter() - t_submit
+    busy = len(latencies) / args.seconds
+    return {"case": "training_background", "model": args.model, "clients": args.clients, "batch": args.batch,
+            "idle_img_s": round(idle, 2), "training_img_s": round(busy, 2), "ratio": round(busy / idle, 3),
+            "errors": errors, "job_state": state, "job_s": round(job_s, 1),
+            "train_steps_in_window": steps1 - steps0, "still_running_after_window": state != "succeeded" or None,
+            "p99_ms": round(percentile(latencies, 99), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_base_patch16_224")
@@ -159,6 +210,8 @@ def main() -> None:
     ap.add_argument("--wait-ms", type=float, default=20)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--port", type=int, default=18731)
+    ap.add_argument("--training", action="store_true", help="add the training-in-the-background case")
+    ap.add_argument("--train-epochs", type=int, default=40)
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = load_backbone(args.model, pretrained=False, model_kwargs=args.kwargs)
@@ -182,6 +235,8 @@ def main() -> None:
             server = len(latencies) / args.seconds
             swap = swap_visible_ms(url, bb, names[0])
             batches = batch_stats(url)
+            background = (training_case(args, url, names, images, server, size, Path(tmp))
+                          if args.training else None)
             proc.terminate()
             proc.wait(30)
             engine = (engine + engine_img_s(bb, tasks, args.batch, reps=3)) / 2  # before and after: drift hits both
@@ -199,6 +254,8 @@ def main() -> None:
         "engine_ms_per_img": round(1000 / engine, 1),
         "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
     }))
+    if background is not None:
+        print(json.dumps({**background, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}))
 
 
 if __name__ == "__main__":

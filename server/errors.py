@@ -18,11 +18,13 @@ from prompt_store.errors import (
     RecordCorrupt,
     StoreConflict,
     StoreError,
+    StoreFull,
     StoreUnavailable,
     TaskNotFound,
     TaskTooLarge,
     TaskUnservable,
     VersionNotFound,
+    is_disk_full,
 )
 from vpt.data.errors import DatasetError
 from vpt.errors import TaskFileError, TaskSpecError, VPTError
@@ -42,6 +44,12 @@ class ApiError(Exception):
 
 def busy(message: str, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
+
+
+def insufficient_storage() -> ApiError:
+    """507: the server's disk is full (or read-only); nothing was stored. Retrying later may work."""
+    return ApiError(507, "insufficient_storage", "the server is out of disk space; nothing was stored",
+                    headers={"Retry-After": "30"})
 
 
 _STATUS_OF_CODE = ((TaskNotFound, 404), (VersionNotFound, 404), (JobNotFound, 404), (TaskTooLarge, 422),
@@ -64,6 +72,9 @@ def translate(exc: Exception) -> ApiError:
         return ApiError(409, "conflict", str(exc))
     if isinstance(exc, BankFull):
         return busy(f"every prompt bank slot is in use: {exc}")
+    if isinstance(exc, StoreFull) or is_disk_full(exc):
+        log.error("out of disk space: %s", exc)
+        return insufficient_storage()
     if isinstance(exc, StoreUnavailable):
         return ApiError(503, "store_unavailable", "the prompt store is unavailable; retry shortly",
                         headers={"Retry-After": "2"})
@@ -84,7 +95,21 @@ def translate(exc: Exception) -> ApiError:
     return ApiError(500, "internal_error", "internal server error")
 
 
-def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse:
+OIP_PREFIX = "/v2"  # Open Inference Protocol routes answer errors in that protocol's own shape
+
+
+def is_oip_path(path: str) -> bool:
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def oip_error_body(message: str) -> dict[str, str]:
+    """The protocol's error object: `{"error": "<message>"}` (Triton's clients fail on anything else)."""
+    return {"error": message}
+
+
+def error_response(err: ApiError, request_id: str | None = None, path: str = "") -> JSONResponse:
+    if is_oip_path(path):
+        return JSONResponse(oip_error_body(err.message), status_code=err.status, headers=err.headers)
     body: dict[str, Any] = {"code": err.code, "message": err.message}
     if err.details is not None:
         body["details"] = err.details
@@ -94,38 +119,37 @@ def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "validation_error", 503: "busy"}
 
 
 def install_handlers(app: FastAPI) -> None:
-    def rid(request: Request) -> str | None:
-        return getattr(request.state, "request_id", None)
+    def respond(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err, getattr(request.state, "request_id", None), request.url.path)
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc, rid(request))
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         msg = f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
-        return error_response(ApiError(422, "validation_error", msg, details=errors), rid(request))
+        return respond(request, ApiError(422, "validation_error", msg, details=errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers), rid(request))
+        return respond(request, ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         log.info("client left before sending the whole body: %s %s", request.method, request.url.path)
-        return error_response(ApiError(400, "bad_request", "the client closed the connection mid-request"),
-                              rid(request))
+        return respond(request, ApiError(400, "bad_request", "the client closed the connection mid-request"))
 
     async def _translated(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(translate(exc), rid(request))
+        return respond(request, translate(exc))
 
     for root in (StoreError, VPTError, KernelError):  # handled inside the app: no traceback, no re-raise
         app.add_exception_handler(root, _translated)

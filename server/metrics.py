@@ -34,12 +34,7 @@ class Metrics:
 
     def collect(self):
         if self._bank is not None:
-            st = self._bank.stats()
-            for name, value, help_ in (("hits", st.hits, "Bank hits"), ("misses", st.misses, "Bank misses"),
-                                       ("evictions", st.evictions, "Bank evictions"),
-                                       ("resident_bytes", st.resident_bytes, "Bank bytes in use"),
-                                       ("resident_tasks", st.resident_tasks, "Tasks resident in the bank")):
-                yield GaugeMetricFamily(f"vpt_bank_{name}", help_, value=value)
+            yield from _bank_families(self._bank.stats())
         if self._jobs is not None:
             fam = GaugeMetricFamily("vpt_jobs", "Training jobs by state", labels=["state"])
             try:
@@ -51,3 +46,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _bank_families(st: object) -> list[GaugeMetricFamily]:
+    """The bank's counters, per tier (`tier` = device or host)."""
+    per_tier = (("hits", "Bank lookups that found the task in the tier", "hits", "host_hits"),
+                ("misses", "Bank lookups that did not", "misses", "host_misses"),
+                ("evictions", "Tasks evicted from the tier for room", "evictions", "host_evictions"),
+                ("resident_bytes", "Bytes of task tensors held in the tier", "resident_bytes", "host_bytes"),
+                ("resident_tasks", "Task versions held in the tier", "resident_tasks", "host_tasks"),
+                ("capacity_bytes", "The tier's capacity", "capacity_bytes", "host_capacity_bytes"))
+    out = []
+    for name, help_, device, host in per_tier:
+        fam = GaugeMetricFamily(f"vpt_bank_{name}", help_, labels=["tier"])
+        fam.add_metric(["device"], getattr(st, device))
+        fam.add_metric(["host"], getattr(st, host))
+        out.append(fam)
+    for name, help_ in (("prefetches", "Prefetches that started a load"),
+                        ("transient", "Misses served outside the device tier (it was pinned full)"),
+                        ("loading", "Task loads in flight")):
+        out.append(GaugeMetricFamily(f"vpt_bank_{name}", help_, value=getattr(st, name)))
+    return out

@@ -20,6 +20,7 @@ from vpt.train import (
     CancelFn,
     Progress,
     ProgressFn,
+    StepGate,
     TrainingDiverged,
     TrainOptions,
     TrainOptionsError,
@@ -43,7 +44,7 @@ class AutoResult:
 
 def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val_set: Dataset | None,
              options: TrainOptions, on_progress: ProgressFn | None = None,
-             should_cancel: CancelFn | None = None) -> AutoResult:
+             should_cancel: CancelFn | None = None, step_gate: StepGate | None = None) -> AutoResult:
     """Train each of `options.auto_methods`; the best validation accuracy wins."""
     if not val_set:
         raise TrainOptionsError("method auto: picking a method needs validation images; set val_fraction > 0 "
@@ -57,7 +58,7 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
         run_options = options.replace(method=method)
         try:
             outcome = train_task(backbone, classes, train_set, val_set, run_options, should_cancel=should_cancel,
-                                 progress=progress)
+                                 progress=progress, step_gate=step_gate)
         except TrainingDiverged as e:
             log.info("auto: %s diverged: %s", method, e.message)
             progress.leaderboard.append({"method": method, "val_accuracy": None, "trainable_parameters": None,

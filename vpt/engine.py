@@ -22,6 +22,7 @@ from vpt.methods import FIELDS, BatchContext, forward_components
 from vpt.task import TaskParams
 
 HEAD_W, HEAD_B = "head_w", "head_b"
+HEAD_ONLY = frozenset(f.name for c in forward_components() if c.kind == "head" for f in c.fields)
 
 
 @dataclass
@@ -34,20 +35,10 @@ class PromptTable:
 
     tensors: dict[str, Tensor]
     lengths: dict[str, Tensor]
+    slots: int
+    device: torch.device
     training: bool = False
     modules: dict[str, nn.Module] = field(default_factory=dict)   # training only: the head module
-
-    @property
-    def slots(self) -> int:
-        return self.tensors[HEAD_W].shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.tensors[HEAD_W].device
-
-    @property
-    def head_w(self) -> Tensor:
-        return self.tensors[HEAD_W]
 
     @property
     def num_classes(self) -> Tensor:
@@ -104,40 +95,49 @@ def slot_bytes(dims: Dims) -> int:
     return total + 8 * sum(1 for name in dims if FIELDS[name].length_dim is not None)
 
 
-def allocate_table(backbone: Backbone, slots: int, dims: Dims) -> PromptTable:
-    """An all-zero table of `slots` slots, each field as wide as `dims` says (heads always present)."""
+def allocate_table(backbone: Backbone, slots: int, dims: Dims, counted: tuple[str, ...] = (HEAD_W,)) -> PromptTable:
+    """An all-zero table of `slots` slots, each field as wide as `dims` says; valid lengths are kept
+    for the fields that declare one, and for `counted` (the class count) even without its tensor."""
     dev = backbone.device
-    dims = merge_dims({HEAD_W: ((1, backbone.embed_dim), backbone.dtype), HEAD_B: ((1,), backbone.dtype)}, dims)
     tensors = {name: torch.zeros(slots, *shape, device=dev, dtype=dt) for name, (shape, dt) in dims.items()}
-    lengths = {name: torch.zeros(slots, dtype=torch.long, device=dev) for name in dims
+    lengths = {name: torch.zeros(slots, dtype=torch.long, device=dev) for name in (*dims, *counted)
                if FIELDS[name].length_dim is not None}
-    return PromptTable(tensors=tensors, lengths=lengths)
+    return PromptTable(tensors=tensors, lengths=lengths, slots=slots, device=dev)
 
 
-def stack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
-    """A PromptTable holding `slots` in order, padded to the widest of each field."""
+def _table_of(backbone: Backbone, slots: list[SlotTensors], skip: frozenset[str] = frozenset()) -> PromptTable:
     dims: Dims = {}
     for s in slots:
-        dims = merge_dims(dims, s.dims())
+        dims = merge_dims(dims, {k: v for k, v in s.dims().items() if k not in skip})
     table = allocate_table(backbone, len(slots), dims)
     for i, s in enumerate(slots):
         write_slot(table, i, s)
     return table
 
 
+def stack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
+    """A PromptTable holding `slots` in order, heads included, padded to the widest of each field."""
+    return _table_of(backbone, slots)
+
+
+def pack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
+    """One batch's table of its distinct tasks (`slots`), padded only to this batch's widest of each
+    field. Heads are not copied (`apply_heads_grouped` reads them from `slots`); class counts are kept."""
+    return _table_of(backbone, slots, HEAD_ONLY)
+
+
 def write_slot(table: PromptTable, i: int, s: SlotTensors) -> None:
-    """Copy one task's tensors into slot `i` (zero-padding the rest of the slot)."""
+    """Copy one task's tensors into slot `i` (zero-padding the rest of the slot); fields the table
+    does not hold (heads in a packed table) are left out, their valid lengths still recorded."""
     with torch.no_grad():
         for name, t in table.tensors.items():
             t[i].zero_()
             src = s.tensors.get(name)
             if src is not None:
                 t[i][tuple(slice(0, n) for n in src.shape)] = src
-            if name in table.lengths:
-                dim = FIELDS[name].length_dim
-                table.lengths[name][i] = src.shape[dim] if src is not None else 0
-        unknown = set(s.tensors) - set(table.tensors)
-        assert not unknown, f"table lacks fields {unknown}"   # callers size the table from the slots
+        for name, lens in table.lengths.items():
+            src = s.tensors.get(name)
+            lens[i] = src.shape[FIELDS[name].length_dim] if src is not None else 0
 
 
 def training_table(backbone: Backbone, params: TaskParams, batch_size: int, dropout: float,
@@ -156,7 +156,8 @@ def training_table(backbone: Backbone, params: TaskParams, batch_size: int, drop
                for name, t in tensors.items() if FIELDS[name].length_dim is not None}
     slot = torch.arange(batch_size, device=dev) if per_sample else torch.zeros(batch_size, dtype=torch.long,
                                                                                  device=dev)
-    table = PromptTable(tensors=tensors, lengths=lengths, training=training, modules={"head": params.head})
+    table = PromptTable(tensors=tensors, lengths=lengths, slots=samples, device=dev, training=training,
+                        modules={"head": params.head})
     return table, slot
 
 
@@ -245,6 +246,56 @@ def forward_logits(backbone: Backbone, images: Tensor, table: PromptTable, slot:
     return apply_heads(forward_features(backbone, images, table, slot), table, slot, backbone)
 
 
-__all__ = ["PromptTable", "SlotTensors", "allocate_table", "apply_heads", "forward_features", "forward_logits",
-           "make_context", "merge_dims", "slot_bytes", "stack_slots", "task_slot_tensors", "training_table",
-           "write_slot"]
+# -- serving from per-task tensors ------------------------------------------------------------------
+# Contract with the bank (prompt_store/bank.py): the bank keeps each task's `SlotTensors` exactly as
+# `task_slot_tensors` built them (moved with `.to`, measured with `.nbytes()`), and per batch calls
+# `pack_slots` with the batch's distinct tasks, then `forward_grouped`. It reads no field by name.
+
+
+def apply_heads_grouped(features: Tensor, slots: list[SlotTensors], slot_ids: list[int]) -> list[tuple[list[int], Tensor]]:
+    """Each sample through its own task's head, tasks grouped by class count, so no head is padded.
+
+    (B, d) features, `slot_ids[b]` indexing `slots` -> one `(rows, logits (n, C))` per class count,
+    `rows` the samples' batch positions in order. Hidden head layers (mlp-k) run once per task.
+    """
+    heads = [c for c in forward_components() if c.kind == "head"]
+    by_task: dict[int, list[int]] = {}
+    for b, j in enumerate(slot_ids):
+        by_task.setdefault(j, []).append(b)
+    for j, rows in by_task.items():
+        if any(c.has_hidden(slots[j].tensors) for c in heads):
+            idx = torch.tensor(rows, device=features.device)
+            f = features.index_select(0, idx)                                               # (n, d)
+            for c in heads:
+                f = c.hidden_one(slots[j].tensors, f)
+            features = features.index_copy(0, idx, f.to(features.dtype))
+    groups: dict[int, list[int]] = {}
+    for b, j in enumerate(slot_ids):
+        groups.setdefault(slots[j].tensors[HEAD_W].shape[0], []).append(b)
+    out = []
+    for rows, members in ((rows, sorted({slot_ids[b] for b in rows})) for rows in groups.values()):
+        f = features.index_select(0, torch.tensor(rows, device=features.device))            # (n, d)
+        if len(members) == 1:
+            t = slots[members[0]].tensors
+            logits = F.linear(f.to(t[HEAD_W].dtype), t[HEAD_W], t[HEAD_B])                   # (n, C)
+        else:
+            local = {j: i for i, j in enumerate(members)}
+            sel = torch.tensor([local[slot_ids[b]] for b in rows], device=features.device)  # (n,)
+            w = torch.stack([slots[j].tensors[HEAD_W] for j in members]).index_select(0, sel)   # (n, C, d)
+            bias = torch.stack([slots[j].tensors[HEAD_B] for j in members]).index_select(0, sel)  # (n, C)
+            logits = torch.baddbmm(bias[:, :, None], w, f[:, :, None].to(w.dtype))[:, :, 0]  # (n, C)
+        out.append((rows, logits))
+    return out
+
+
+def forward_grouped(backbone: Backbone, images: Tensor, table: PromptTable, slots: list[SlotTensors],
+                    slot_ids: list[int]) -> list[tuple[list[int], Tensor]]:
+    """(B, 3, H, W) images, `table = pack_slots(backbone, slots)`, `slot_ids[b]` the sample's task
+    -> per class count `(rows, logits (n, C))` (see `apply_heads_grouped`)."""
+    slot = torch.tensor(slot_ids, dtype=torch.long).to(images.device)                       # (B,)
+    return apply_heads_grouped(forward_features(backbone, images, table, slot), slots, slot_ids)
+
+
+__all__ = ["PromptTable", "SlotTensors", "allocate_table", "apply_heads", "apply_heads_grouped", "forward_features",
+           "forward_grouped", "forward_logits", "make_context", "merge_dims", "pack_slots", "slot_bytes",
+           "stack_slots", "task_slot_tensors", "training_table", "write_slot"]

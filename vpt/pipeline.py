@@ -19,6 +19,7 @@ import torch
 from vpt.auto import run_auto
 from vpt.backbone import Backbone
 from vpt.data import ImageDataset, IngestedDataset, IngestLimits, Sample, ingest_archive, split_dataset
+from vpt.feature_map import safe_feature_map
 from vpt.metrics import ClassificationReport
 from vpt.sweep import run_sweep
 from vpt.task import TaskParams, TaskSpec, save_task_file
@@ -27,6 +28,7 @@ from vpt.train import (
     MOMENTUM,
     CancelFn,
     ProgressFn,
+    StepGate,
     TrainOptions,
     TrainOutcome,
     amp_enabled,
@@ -60,7 +62,7 @@ def train_task_from_archive(archive_path: str | Path, work_dir: str | Path, back
                             options: TrainOptions, limits: IngestLimits | None = None,
                             on_progress: ProgressFn | None = None,
                             should_cancel: CancelFn | None = None,
-                            extra: dict[str, Any] | None = None) -> TrainResult:
+                            extra: dict[str, Any] | None = None, step_gate: StepGate | None = None) -> TrainResult:
     """Ingest `archive_path` under `work_dir`, train a task as `options` say, return its file.
 
     `extra` adds metadata entries to the file. Raises DatasetError (bad archive),
@@ -71,7 +73,7 @@ def train_task_from_archive(archive_path: str | Path, work_dir: str | Path, back
         check_cancel(should_cancel)
         dataset = ingest_archive(Path(archive_path), data_dir, limits, workers=max(1, options.num_workers))
         check_cancel(should_cancel)
-        return train_task_from_dataset(dataset, backbone, options, on_progress, should_cancel, extra)
+        return train_task_from_dataset(dataset, backbone, options, on_progress, should_cancel, extra, step_gate)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -84,7 +86,7 @@ def split_summary(dataset: IngestedDataset, train: Sequence[Sample], val: Sequen
 def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, options: TrainOptions,
                             on_progress: ProgressFn | None = None,
                             should_cancel: CancelFn | None = None,
-                            extra: dict[str, Any] | None = None) -> TrainResult:
+                            extra: dict[str, Any] | None = None, step_gate: StepGate | None = None) -> TrainResult:
     """Train on an ingested dataset: its own val split, else a stratified `val_fraction` split."""
     train, val = split_dataset(dataset, options.val_fraction, options.seed)
     cfg = backbone.data_config
@@ -93,19 +95,25 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
     started = time.perf_counter()
     sweep = auto = None
     if options.method == "auto":
-        auto = run_auto(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel)
+        auto = run_auto(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel,
+                        step_gate=step_gate)
         outcome = auto.winner
     elif options.sweep != "none":
-        sweep = run_sweep(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel)
+        sweep = run_sweep(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel,
+                          step_gate=step_gate)
         outcome = sweep.winner
     else:
-        outcome = train_task(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel)
+        outcome = train_task(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel,
+                             step_gate=step_gate)
     report = None
     if val_set is not None:
         report = evaluate(backbone, outcome.params, val_set, dataset.classes, outcome.options, should_cancel)
     metrics = training_metrics(outcome, report, time.perf_counter() - started)
     metrics["sweep"] = sweep.to_dict() if sweep is not None else None
     metrics["auto"] = auto.to_dict() if auto is not None else None
+    if val_set is not None:
+        metrics["feature_map"] = safe_feature_map(backbone, outcome.params, val_set, dataset.classes,
+                                                  seed=options.seed, should_cancel=should_cancel)
     metadata = {"metrics": metrics, "training": recipe(outcome.options, backbone),
                 "dataset": split_summary(dataset, train, val), **(extra or {})}
     check_cancel(should_cancel)

@@ -25,6 +25,7 @@ from vpt.train import (
     CancelFn,
     Progress,
     ProgressFn,
+    StepGate,
     TrainingDiverged,
     TrainOptions,
     TrainOptionsError,
@@ -91,7 +92,8 @@ def _better(a: SweepRun, b: SweepRun | None) -> bool:
 
 def run_sweep(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val_set: Dataset | None,
               options: TrainOptions, on_progress: ProgressFn | None = None,
-              should_cancel: CancelFn | None = None, grid: Sequence[tuple[float, float]] | None = None) -> SweepResult:
+              should_cancel: CancelFn | None = None, grid: Sequence[tuple[float, float]] | None = None,
+              step_gate: StepGate | None = None) -> SweepResult:
     """Train one run per (base_lr, weight_decay) of `options.sweep` (or `grid`); keep the best."""
     if not val_set:
         raise TrainOptionsError("sweep: scoring runs needs validation images; set val_fraction > 0 or give the "
@@ -107,7 +109,7 @@ def run_sweep(backbone: Backbone, classes: Sequence[str], train_set: Dataset, va
         try:
             outcome = train_task(backbone, classes, train_set, val_set,
                                  options.replace(base_lr=lr, weight_decay=wd), should_cancel=should_cancel,
-                                 progress=progress)
+                                 progress=progress, step_gate=step_gate)
         except TrainingDiverged as e:  # a too-large lr is a result of the search, not a failure of it
             log.info("sweep run %d/%d: base_lr %g, wd %g diverged: %s", i, len(pairs), lr, wd, e.message)
             runs.append(SweepRun(lr, wd, 0.0, None, None, time.perf_counter() - started, diverged=True))

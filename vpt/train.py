@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,6 +268,7 @@ class ProgressEvent:
 
 ProgressFn = Callable[[ProgressEvent], None]
 CancelFn = Callable[[], bool]
+StepGate = Callable[[], AbstractContextManager[Any]]  # entered once per training step
 
 
 class Progress:
@@ -388,8 +390,13 @@ def _check_gradients(params: TaskParams) -> None:
 
 def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val_set: Dataset | None,
                options: TrainOptions, on_progress: ProgressFn | None = None,
-               should_cancel: CancelFn | None = None, progress: Progress | None = None) -> TrainOutcome:
-    """Train one task on `train_set` ((image tensor, label) items); score `val_set` each epoch."""
+               should_cancel: CancelFn | None = None, progress: Progress | None = None,
+               step_gate: StepGate | None = None) -> TrainOutcome:
+    """Train one task on `train_set` ((image tensor, label) items); score `val_set` each epoch.
+
+    `step_gate()` is entered around every step's forward and backward (e.g. a serving-first
+    `vpt.priority.PriorityGate.training`, so a waiting serving batch goes first).
+    """
     if len(train_set) == 0:
         raise TrainOptionsError("the training set is empty", field="dataset")
     dev = backbone.device
@@ -410,7 +417,7 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
         loader = make_loader(train_set, options.batch_size, True, shuffle, options, dev)
         val_loader = make_loader(val_set, options.batch_size, False, None, options, dev) if val_set else None
         return _run(backbone, params, optimizer, loader, val_loader, options, progress, should_cancel,
-                    amp, warmup, total)
+                    amp, warmup, total, step_gate or nullcontext)
 
 
 @dataclass
@@ -427,7 +434,8 @@ class _RunState:
 
 def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loader: DataLoader,
                  options: TrainOptions, epoch: int, state: _RunState, progress: Progress,
-                 should_cancel: CancelFn | None, amp: bool, warmup: int, total: int) -> tuple[float, float]:
+                 should_cancel: CancelFn | None, amp: bool, warmup: int, total: int,
+                 step_gate: StepGate) -> tuple[float, float]:
     """One pass over `loader`; returns (mean train loss, last lr)."""
     loss_sum, seen, lr = 0.0, 0, 0.0
     info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
@@ -436,7 +444,8 @@ def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.
         lr = options.lr * lr_multiplier(state.step, warmup, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = _train_step(backbone, params, optimizer, images, labels, params.spec.prompt_dropout, amp)
+        with step_gate():
+            loss = _train_step(backbone, params, optimizer, images, labels, params.spec.prompt_dropout, amp)
         if state.step == 0:
             _check_gradients(params)
         value = float(loss)
@@ -453,14 +462,14 @@ def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.
 
 def _run(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loader: DataLoader,
          val_loader: DataLoader | None, options: TrainOptions, progress: Progress,
-         should_cancel: CancelFn | None, amp: bool, warmup: int, total: int) -> TrainOutcome:
+         should_cancel: CancelFn | None, amp: bool, warmup: int, total: int, step_gate: StepGate) -> TrainOutcome:
     history: list[EpochRecord] = []
     state = _RunState()
     info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
     for epoch in range(1, options.epochs + 1):
         epoch_start = time.perf_counter()
         train_loss, lr = _train_epoch(backbone, params, optimizer, loader, options, epoch, state, progress,
-                                      should_cancel, amp, warmup, total)
+                                      should_cancel, amp, warmup, total, step_gate)
         val_loss = None
         if val_loader is not None:
             logits, preds, y = predict(backbone, params, val_loader, amp, should_cancel)

@@ -22,7 +22,8 @@ from torch import Tensor
 from prompt_store.bank import Lease, PromptBank
 from server.errors import ApiError, busy
 from vpt.backbone import Backbone
-from vpt.engine import forward_logits
+from vpt.engine import forward_grouped
+from vpt.priority import PriorityGate
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ class _Request:
 
 class Batcher:
     def __init__(self, backbone: Backbone, bank: PromptBank, *, max_batch_size: int, max_wait_ms: float,
-                 queue_limit: int, metrics: Any = None) -> None:
+                 queue_limit: int, metrics: Any = None, gate: PriorityGate | None = None) -> None:
         self.backbone, self.bank, self.metrics = backbone, bank, metrics
+        self.gate = gate or PriorityGate()  # serving first when training shares the device
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
         self.queue_limit = queue_limit
         self._q: queue.Queue[_Request] = queue.Queue()
@@ -94,6 +96,7 @@ class Batcher:
             self._queued_images += n
         loop = asyncio.get_running_loop()
         req = _Request(tenant, task_id, images, top_k, loop.create_future(), loop)
+        self.bank.prefetch(tenant, task_id)  # a miss loads while the batch forms
         self._q.put(req)
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queued_images)
@@ -176,7 +179,8 @@ class Batcher:
                 else:
                     ok.append(i)
             if ok:
-                self._forward(batch, ok, lease)
+                with self.gate.serving():
+                    self._forward(batch, ok, lease)
         finally:
             self.bank.release(lease)
 
@@ -184,15 +188,14 @@ class Batcher:
         bb = self.backbone
         t0 = time.perf_counter()
         images = torch.cat([batch[i].images for i in ok]).to(bb.device, bb.dtype, non_blocking=True)  # (B, 3, H, W)
-        owner = [i for i in ok for _ in range(batch[i].n)]
-        slot = lease.slot_tensor(owner)                                                                # (B,)
-        probs = []
+        slot = lease.slot_ids([i for i in ok for _ in range(batch[i].n)])                             # (B,)
+        p: list[Tensor] = [torch.empty(0)] * len(slot)                                                 # per sample (C,)
         with torch.inference_mode():
-            for s in range(0, images.shape[0], self.max_batch_size):
-                logits = forward_logits(bb, images[s:s + self.max_batch_size], lease.table,
-                                        slot[s:s + self.max_batch_size])                               # (b, C)
-                probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-        p = torch.cat(probs)                                                                           # (B, C)
+            for s in range(0, images.shape[0], self.max_batch_size):  # heads grouped: no task padded to another's classes
+                for rows, logits in forward_grouped(bb, images[s:s + self.max_batch_size], lease.table, lease.slots,
+                                                    slot[s:s + self.max_batch_size]):                  # (n, C)
+                    for r, row in zip(rows, torch.softmax(logits.float(), dim=-1).cpu()):
+                        p[s + r] = row
         forward_ms = (time.perf_counter() - t0) * 1000
         self.batches += 1
         if self.metrics is not None:
@@ -201,7 +204,7 @@ class Batcher:
         for i in ok:
             req, task = batch[i], lease.tasks[i]
             k = min(req.top_k, len(task.classes))
-            scores, idx = p[row:row + req.n, :len(task.classes)].topk(k, dim=-1)
+            scores, idx = torch.stack(p[row:row + req.n]).topk(k, dim=-1)
             results = [[TopK(task.classes[j], j, float(sc)) for sc, j in zip(srow.tolist(), irow.tolist())]
                        for srow, irow in zip(scores, idx)]
             row += req.n

@@ -1,6 +1,7 @@
 """The FastAPI app: factory, lifespan (the backbone loads once), request context middleware."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,8 +15,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import install_handlers
-from server.frontend.routes import jobs, predict, system, tasks
+from server.console import routes as console
+from server.errors import install_handlers, is_oip_path, oip_error_body
+from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.settings import Settings
 from server.state import AppState
 
@@ -25,6 +27,15 @@ access = logging.getLogger("vpt.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict:
+    """The next body message, or 408 when the client stalls (idle) or the body takes too long."""
+    wait = min(idle_s, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(receive(), timeout=max(0.0, wait))
+    except TimeoutError:
+        raise StarletteHTTPException(408, "the request body arrived too slowly") from None
 
 
 class RequestContext:
@@ -37,7 +48,7 @@ class RequestContext:
         s = self.settings
         if path.endswith("/train"):
             return s.max_upload_bytes + (1 << 20)
-        if path == "/predict":
+        if path == "/predict" or (is_oip_path(path) and path.endswith("/infer")):
             return s.max_images_per_request * s.max_image_bytes + (1 << 20)
         if path.endswith("/import"):
             return s.max_task_file_bytes
@@ -74,23 +85,29 @@ class RequestContext:
     async def _dispatch(self, scope: Scope, receive: Callable, send: Callable, declared: int, limit: int,
                         rid: str) -> None:
         if declared > limit:
-            await self._reject(send, rid, limit)
+            await self._reject(send, rid, limit, scope["path"])
         else:
-            seen = {"n": 0}
+            seen = {"n": 0, "done": False}
+            deadline = time.monotonic() + self.settings.body_timeout_s
 
             async def counted_receive() -> dict:
-                message = await receive()
+                if seen["done"]:  # the body is in: what follows is a wait for the disconnect
+                    return await receive()
+                message = await _body_chunk(receive, deadline, self.settings.body_idle_timeout_s)
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
+                    seen["done"] = not message.get("more_body", False)
                     if seen["n"] > limit:
                         raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
                 return message
 
             await self.app(scope, counted_receive, send)
 
-    async def _reject(self, send: Callable, rid: str, limit: int) -> None:
-        body = json.dumps({"error": {"code": "payload_too_large", "message": f"the request body exceeds {limit} bytes",
-                                     "request_id": rid}}).encode()
+    async def _reject(self, send: Callable, rid: str, limit: int, path: str) -> None:
+        message = f"the request body exceeds {limit} bytes"
+        error = oip_error_body(message) if is_oip_path(path) else {
+            "error": {"code": "payload_too_large", "message": message, "request_id": rid}}
+        body = json.dumps(error).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -126,9 +143,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
 
     app = FastAPI(title="vpt-serve", version="0.1.0", lifespan=lifespan,
                   description="Many image classifiers on one frozen ViT with Visual Prompt Tuning. "
-                              "Errors are `{\"error\": {\"code\", \"message\"}}`.")
+                              "Errors are `{\"error\": {\"code\", \"message\"}}`; the Open Inference "
+                              "Protocol routes under `/v2` answer `{\"error\": \"<message>\"}`.")
     install_handlers(app)
-    for module in (tasks, jobs, predict, system):
+    for module in (tasks, jobs, predict, system, oip, console):
         app.include_router(module.router)
     app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
     return app

@@ -33,7 +33,10 @@ class VersionOut(BaseModel):
     trainable_parameters: int | None = Field(None, description="values the method trains (head included)")
     bank_bytes: int | None = Field(None, description="bytes this task takes in the serving bank")
     size_bytes: int
-    metrics: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = Field(
+        None, description="training facts: val_accuracy, per_class_accuracy, confusion_matrix, epochs, ...; "
+                          "`feature_map` only from `GET /tasks/{task_id}/versions/{n}`")
+    training: dict[str, Any] | None = Field(None, description="the recipe: options as given and what they resolved to")
 
 
 class TaskOut(BaseModel):
@@ -144,9 +147,25 @@ def _json_field(meta: dict[str, str], key: str, default: Any) -> Any:
         return default
 
 
-def _summary_metrics(meta: dict[str, str]) -> dict[str, Any] | None:
+def _dict_field(meta: dict[str, str], key: str) -> dict[str, Any] | None:
+    value = _json_field(meta, key, None)
+    return value if isinstance(value, dict) else None
+
+
+# Metrics entries too large for listings: only `GET /tasks/{id}/versions/{n}` returns them.
+DETAIL_METRICS = ("feature_map",)
+
+
+def summary(metrics: Any) -> dict[str, Any] | None:
+    """`metrics` without the entries only the version route returns (None unless a dict)."""
+    return {k: v for k, v in metrics.items() if k not in DETAIL_METRICS} if isinstance(metrics, dict) else None
+
+
+def _summary_metrics(meta: dict[str, str], full: bool = False) -> dict[str, Any] | None:
     metrics = _json_field(meta, "metrics", None)
-    return metrics if isinstance(metrics, dict) else None
+    if not isinstance(metrics, dict):
+        return None
+    return metrics if full else summary(metrics)
 
 
 def _int_field(meta: dict[str, str], key: str) -> int | None:
@@ -164,12 +183,14 @@ def method_fields(meta: dict[str, str], element_size: int) -> dict[str, Any]:
             "bank_bytes": values * element_size if values is not None else None}
 
 
-def version_out(v: TaskVersion, current: int, element_size: int = 4) -> VersionOut:
+def version_out(v: TaskVersion, current: int, full: bool = False, element_size: int = 4) -> VersionOut:
+    """A version; `full` keeps every metrics entry (the feature map too)."""
     m = v.metadata
     return VersionOut(version=v.version, current=v.version == current, created_at=v.created_at,
                       **method_fields(m, element_size),
                       method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
-                      classes=_json_field(m, "classes", []), size_bytes=v.size_bytes, metrics=_summary_metrics(m))
+                      classes=_json_field(m, "classes", []), size_bytes=v.size_bytes,
+                      metrics=_summary_metrics(m, full), training=_dict_field(m, "training"))
 
 
 def task_out(info: TaskInfo, element_size: int = 4) -> TaskOut:
@@ -186,5 +207,5 @@ def job_out(job: JobRecord) -> JobOut:
     return JobOut(job_id=job.job_id, task_id=job.task_id, state=job.state, created_at=job.created_at,
                   updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
                   options=safe_text(job.options), progress=safe_text(job.progress),
-                  metrics=safe_text(job.metrics), error=safe_text(job.error),
+                  metrics=summary(safe_text(job.metrics)), error=safe_text(job.error),
                   version=job.version, worker=job.worker, cancel_requested=job.cancel_requested)

@@ -15,7 +15,7 @@ from tests.vpt.reference_methods import reference_logits
 from tests.vpt.test_methods import TASKS, make_spec, randomised
 from vpt.backbone import Backbone, load_backbone
 from vpt.blocks import prompt_kv
-from vpt.engine import forward_logits
+from vpt.engine import forward_grouped
 from vpt.task import TaskParams, TaskSpec, load_task_file, read_metadata, save_task_file
 
 TENANT = "acme"
@@ -76,19 +76,23 @@ def test_hits_misses_and_lru_eviction_by_bytes(store: LocalStore, tiny_backbone:
     assert st.resident_bytes <= st.capacity_bytes
 
 
-def test_pinned_slots_are_never_evicted_and_full_bank_is_typed(store: LocalStore, tiny_backbone: Backbone) -> None:
-    for name in "abc":
+def test_pinned_entries_are_never_evicted_and_full_bank_is_typed(store: LocalStore, tiny_backbone: Backbone) -> None:
+    for name in "abcde":
         put(store, tiny_backbone, name)
     probe = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
     probe.release(probe.acquire(TENANT, ["a"]))
     bank = PromptBank(tiny_backbone, store, 2 * slot_bytes(probe), subscribe=False)
     lease = bank.acquire(TENANT, ["a", "b"])
-    with pytest.raises(BankFull):
-        bank.acquire(TENANT, ["c"])
-    assert {k.task_id for k in bank.resident()} == {"a", "b"}
+    # every resident entry is pinned: c and d are served from copies their leases alone hold
+    held = [bank.acquire(TENANT, ["c"]), bank.acquire(TENANT, ["d"])]
+    assert {k.task_id for k in bank.resident()} == {"a", "b"} and bank.stats().transient == 2
+    with pytest.raises(BankFull):  # past another bank's worth held outside it
+        bank.acquire(TENANT, ["e"])
+    for h in held:
+        bank.release(h)
     bank.release(lease)
-    bank.release(bank.acquire(TENANT, ["c"]))      # now one of them can go
-    assert "c" in {k.task_id for k in bank.resident()}
+    bank.release(bank.acquire(TENANT, ["e"]))      # now one of them can go
+    assert "e" in {k.task_id for k in bank.resident()}
 
 
 def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backbone: Backbone) -> None:
@@ -96,9 +100,9 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     bank = PromptBank(tiny_backbone, store, 10_000_000)
     images = torch.randn(2, 3, 32, 32)
     lease = bank.acquire(TENANT, ["t", "t"])
-    slot = lease.slot_tensor([0, 1])
+    slot = lease.slot_ids([0, 1])
     with torch.inference_mode():
-        before = forward_logits(tiny_backbone, images, lease.table, slot)
+        before = forward_grouped(tiny_backbone, images, lease.table, lease.slots, slot)[0][1]
     snapshot = lease.table.tensors['deep_k'][lease.tasks[0].slot].clone()
     # a new version, wider (more prompts and classes: the table grows), lands while the batch runs
     v2 = put(store, tiny_backbone, "t", p=9, classes=5, seed=2)
@@ -111,7 +115,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
         time.sleep(0.01)
     assert new.tasks[0].key.version == v2 and len(new.tasks[0].classes) == 5
     with torch.inference_mode():
-        after = forward_logits(tiny_backbone, images, lease.table, slot)
+        after = forward_grouped(tiny_backbone, images, lease.table, lease.slots, slot)[0][1]
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     torch.testing.assert_close(lease.table.tensors['deep_k'][lease.tasks[0].slot], snapshot, rtol=0, atol=0)
     bank.release(lease)
@@ -131,7 +135,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     bank.close()
 
 
-def test_mixed_methods_share_one_table(store: LocalStore, tiny_backbone: Backbone) -> None:
+def test_mixed_methods_share_one_batch(store: LocalStore, tiny_backbone: Backbone) -> None:
     put(store, tiny_backbone, "deep", method="vpt-deep", p=6, classes=4)
     put(store, tiny_backbone, "shallow", method="vpt-shallow", p=3, classes=2)
     put(store, tiny_backbone, "lin", method="linear", p=0, classes=7)
@@ -142,8 +146,10 @@ def test_mixed_methods_share_one_table(store: LocalStore, tiny_backbone: Backbon
     assert [int(t.tensors['deep_len'][r.slot].max()) for r in lease.tasks] == [6, 0, 0]
     assert [int(t.lengths['shallow'][r.slot]) for r in lease.tasks] == [0, 3, 0]
     with torch.inference_mode():
-        logits = forward_logits(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slot_tensor([0, 1, 2]))
-    assert torch.isfinite(logits[0, :4]).all() and torch.isinf(logits[0, 4:]).all()
+        groups = forward_grouped(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slots, lease.slot_ids([0, 1, 2]))
+    assert sorted((rows, tuple(logits.shape)) for rows, logits in groups) == [([0], (1, 4)), ([1], (1, 2)),
+                                                                               ([2], (1, 7))]
+    assert all(torch.isfinite(logits).all() for _, logits in groups)
     bank.release(lease)
 
 
@@ -169,13 +175,13 @@ def test_a_non_store_failure_leaves_nothing_pinned(store: LocalStore, tiny_backb
     put(store, tiny_backbone, "b")
     bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
     bank.release(bank.acquire(TENANT, ["a"]))
-    monkeypatch.setattr("prompt_store.bank.task_slot_tensors", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr("prompt_store.loading.task_slot_tensors", lambda *a: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):
         bank.acquire_each([(TENANT, "a"), (TENANT, "b")])  # a is pinned first, then loading b fails
     assert all(e.pins == 0 for e in bank._entries.values())
 
 
-def test_reactivating_a_pinned_old_version_reuses_its_slot(store: LocalStore, tiny_backbone: Backbone) -> None:
+def test_reactivating_a_pinned_old_version_reuses_its_tensors(store: LocalStore, tiny_backbone: Backbone) -> None:
     put(store, tiny_backbone, "t", seed=1)
     bank = PromptBank(tiny_backbone, store, 10_000_000, subscribe=False)
     old = bank.acquire(TENANT, ["t"])
@@ -185,7 +191,7 @@ def test_reactivating_a_pinned_old_version_reuses_its_slot(store: LocalStore, ti
     store.activate(TENANT, "t", 1)
     bank.on_change(ChangeEvent(TENANT, "t", 1, "activate"))
     again = bank.acquire(TENANT, ["t"])
-    assert again.tasks[0].key.version == 1 and again.tasks[0].slot == old.tasks[0].slot
+    assert again.tasks[0].key.version == 1 and again.slots[0] is old.slots[0]
     assert bank.stats().misses == 2  # version 1 was not loaded twice
     bank.release(old)
     bank.release(again)
@@ -244,15 +250,16 @@ def test_bank_serves_a_batch_mixing_every_method_exactly(store: LocalStore) -> N
         store.put_task(TENANT, f"t{i}", blob, read_metadata(blob))
         names.append(f"t{i}")
     bank = PromptBank(bb, store, 10**9, subscribe=False)
-    lease = bank.acquire(TENANT, names)
-    images = torch.randn(len(names), 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    lease = bank.acquire(TENANT, names + names[:3])
+    order = list(range(len(names) + 3))
+    images = torch.randn(len(order), 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        logits = forward_logits(bb, images, lease.table, lease.slot_tensor(list(range(len(names)))))
-        for i, name in enumerate(names):
-            blob = store.get_task(TENANT, name, 1)[1]
-            spec = load_task_file(blob, bb).spec
-            files = {k: v.double() for k, v in st_load(blob).items()}
-            ref = reference_logits(bb, images[i], spec, files)
-            torch.testing.assert_close(logits[i, :spec.num_classes], ref, rtol=0, atol=1e-10)
-    assert bank.stats().resident_bytes > 8 * sum(p.numel() for p in bb.model.blocks[-1].parameters())
+        groups = forward_grouped(bb, images, lease.table, lease.slots, lease.slot_ids(order))
+        assert sorted(r for rows, _ in groups for r in rows) == order
+        for rows, logits in groups:
+            for r, row in zip(rows, logits):
+                blob = store.get_task(TENANT, names[r % len(names)], 1)[1]
+                spec = load_task_file(blob, bb).spec
+                files = {k: v.double() for k, v in st_load(blob).items()}
+                torch.testing.assert_close(row, reference_logits(bb, images[r], spec, files), rtol=0, atol=1e-10)
     bank.release(lease)

@@ -35,6 +35,12 @@ def constant_task(bb: Backbone, classes: list[str], winner: int, method: str = "
     return save_task_file(params, bb)
 
 
+def random_task(bb: Backbone, classes: list[str], method: str = "vpt-deep", p: int = 4, seed: int = 0) -> bytes:
+    """A task as initialised before training: random prompts and head, so scores differ per image."""
+    params = TaskParams.new(TaskSpec(method, p, tuple(classes)), bb, generator=torch.Generator().manual_seed(seed))
+    return save_task_file(params, bb)
+
+
 def png(seed: int = 0, size: int = 32) -> bytes:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

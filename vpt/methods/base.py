@@ -89,6 +89,14 @@ class Component:
     def prepare(self, ctx: BatchContext) -> None:
         """Install this component's forward hooks on `ctx` (called when its fields are in the table)."""
 
+    def has_hidden(self, tensors: dict[str, Tensor]) -> bool:
+        """Heads: does this task (its bank tensors) have layers before the last linear one?"""
+        return False
+
+    def hidden_one(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Heads: (n, d) features of one task's samples through its hidden layers (eval mode)."""
+        return x
+
     def metadata(self, spec: TaskSpec) -> dict[str, str]:
         return {}
 

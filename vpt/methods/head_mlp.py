@@ -6,6 +6,7 @@ In a mixed batch the hidden layers run once per task that has them (grouped by s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,6 +92,14 @@ class MLPHeadComponent(Component):
             out[field] = torch.stack(ts)[None].to(bb.device, bb.dtype)   # (1, k-1, d, d) or (1, k-1, d)
         return out
 
+    def has_hidden(self, tensors: dict[str, Tensor]) -> bool:
+        return "mlp_w" in tensors
+
+    def hidden_one(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+        if "mlp_w" not in tensors:
+            return x
+        return _layers(x, tensors["mlp_w"].shape[0], lambda name, j: tensors[name][j])
+
     def prepare(self, ctx: BatchContext) -> None:
         if ctx.has("mlp_w"):
             ctx.head_hidden = _hidden
@@ -106,10 +115,14 @@ def _hidden(ctx: BatchContext, x: Tensor) -> Tensor:
     has = depth > 0
     for s in torch.unique(ctx.slot[has]).tolist():
         idx = (ctx.slot == s).nonzero()[:, 0]
-        h = x.index_select(0, idx)                                                # (n, d)
-        for j in range(int(ctx.table.lengths["mlp_w"][s])):
-            h = F.relu(F.linear(h, t["mlp_w"][s, j], t["mlp_b"][s, j]))
-            h = F.batch_norm(h, t["mlp_rm"][s, j], t["mlp_rv"][s, j], t["mlp_nw"][s, j], t["mlp_nb"][s, j],
-                             False, 0.0, BN_EPS)
+        h = _layers(x.index_select(0, idx), int(ctx.table.lengths["mlp_w"][s]), lambda name, j: t[name][s, j])
         x = x.index_copy(0, idx, h)
     return x
+
+
+def _layers(h: Tensor, depth: int, get: Callable[[str, int], Tensor]) -> Tensor:
+    """(n, d) through `depth` hidden layers: Linear, ReLU, BatchNorm1d (eval); Dropout is the identity."""
+    for j in range(depth):
+        h = F.relu(F.linear(h.to(get("mlp_w", j).dtype), get("mlp_w", j), get("mlp_b", j)))
+        h = F.batch_norm(h, get("mlp_rm", j), get("mlp_rv", j), get("mlp_nw", j), get("mlp_nb", j), False, 0.0, BN_EPS)
+    return h

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ from starlette.datastructures import UploadFile
 
 from prompt_store.ids import validate_id
 from prompt_store.records import JOB_STATES, TERMINAL_STATES
-from server.frontend.deps import State, Tenant
 from server.errors import ApiError
+from server.frontend.deps import State, Tenant
 from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
 from vpt.train import TrainOptions, TrainOptionsError
 
@@ -92,13 +94,20 @@ def _suffix(filename: str | None) -> str:
 
 
 def _spool(upload: UploadFile, directory: Path) -> Path:
-    """Copy the parsed upload to a file of ours, chunk by chunk."""
+    """Copy the parsed upload to a file of ours, chunk by chunk; nothing is left behind on failure
+    (a full disk is answered 507 by the error handlers)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=False) as out:
-        upload.file.seek(0)
-        while chunk := upload.file.read(1 << 20):
-            out.write(chunk)
-    return Path(out.name)
+    fd, name = tempfile.mkstemp(dir=directory, prefix="upload-")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            upload.file.seek(0)
+            while chunk := upload.file.read(1 << 20):
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @router.post("/tasks/{task_id}/train", status_code=202, response_model=JobOut, openapi_extra=TRAIN_BODY,
@@ -147,19 +156,30 @@ def cancel_job(job_id: str, state: State, tenant: Tenant) -> JobOut:
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "progress events"}})
 async def job_events(job_id: str, request: Request, state: State, tenant: Tenant) -> StreamingResponse:
-    """Server-sent events: `progress` with the job whenever it changes, then `end` once it is terminal."""
+    """Server-sent events: `progress` with the job whenever it changes, then `end` once it is terminal;
+    a `: keep-alive` comment every `VPT_SSE_KEEPALIVE_S` while nothing changes, and `timeout` (then the
+    stream closes) after `VPT_SSE_MAX_S`."""
     validate_id(job_id, "job id")
     first = await run_in_threadpool(state.store.get_job, tenant, job_id)  # 404 before the stream starts
 
+    settings = state.settings
+
     async def stream() -> AsyncIterator[bytes]:
         job, last = first, None
+        start = quiet_since = time.monotonic()
         while True:
             if job.updated_at != last:
-                last = job.updated_at
+                last, quiet_since = job.updated_at, time.monotonic()
                 yield f"event: progress\ndata: {json.dumps(job_out(job).model_dump())}\n\n".encode()
             if job.state in TERMINAL_STATES:
                 yield b"event: end\ndata: {}\n\n"
                 return
+            if time.monotonic() - start >= settings.sse_max_s:  # bounded: the client reconnects
+                yield b"event: timeout\ndata: {}\n\n"
+                return
+            if time.monotonic() - quiet_since >= settings.sse_keepalive_s:  # proxies keep the stream open
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
             await asyncio.sleep(0.5)
             if await request.is_disconnected():
                 return

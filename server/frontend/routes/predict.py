@@ -6,11 +6,15 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
+from torch import Tensor
 
 from prompt_store.ids import validate_id
-from server.frontend.deps import State, Tenant
+from server.engine.batcher import Outcome
 from server.errors import ApiError
+from server.frontend.deps import State, Tenant
+from server.frontend.forms import parse_form
 from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
+from server.state import AppState
 
 router = APIRouter(tags=["predict"])
 
@@ -26,7 +30,9 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
         items = []
-        async with request.form(max_files=s.max_images_per_request + 1, max_fields=8) as form:
+        form = await parse_form(request, max_file_bytes=s.max_image_bytes, max_files=s.max_images_per_request + 1,
+                                max_fields=8)
+        try:
             parts = [v for k, v in form.multi_items() if k == "image"]
             if len(parts) > s.max_images_per_request:
                 raise ApiError(413, "payload_too_large",
@@ -39,6 +45,8 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
                     raise ApiError(413, "payload_too_large",
                                    f"image {part.filename!r} exceeds {s.max_image_bytes} bytes")
                 items.append((data, part.filename))
+        finally:
+            await form.close()
         if not items:
             raise ApiError(400, "bad_request", "send one or more multipart 'image' files")
         return items
@@ -58,6 +66,18 @@ async def _read_raw(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
+async def classify(state: AppState, tenant: str, task: str, images: Tensor, top_k: int) -> Outcome:
+    """The prediction entry point of every HTTP route: `images` (n, 3, H, W) join the next shared batch;
+    504 `timeout` past the request timeout, 503 `busy` when the queue is full."""
+    try:
+        outcome = await asyncio.wait_for(state.batcher.predict(tenant, task, images, top_k),
+                                         timeout=state.settings.request_timeout_s)
+    except TimeoutError as e:
+        raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
+    state.metrics.predictions.labels(tenant, task).inc(images.shape[0])
+    return outcome
+
+
 @router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,
              responses={400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut},
                         415: {"model": ErrorOut}, 503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
@@ -71,12 +91,7 @@ async def predict(request: Request, state: State, tenant: Tenant, task: str = Qu
     images = await loop.run_in_executor(state.decoder.pool, state.decoder.decode_all,
                                         [(d, n or f"#{i}") for i, (d, n) in enumerate(items)])
     t_decoded = time.perf_counter()
-    try:
-        outcome = await asyncio.wait_for(state.batcher.predict(tenant, task, images, top_k),
-                                         timeout=state.settings.request_timeout_s)
-    except TimeoutError as e:
-        raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
-    state.metrics.predictions.labels(tenant, task).inc(len(items))
+    outcome = await classify(state, tenant, task, images, top_k)
     results = [ImageResult(image=i, filename=name, top_k=[TopKOut(label=safe_text(t.label),
                                                                   index=t.index, score=t.score) for t in top])
                for i, ((_, name), top) in enumerate(zip(items, outcome.results))]

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from prompt_store.ids import validate_id
 from server.frontend.deps import State, Tenant
 from server.errors import ApiError
-from server.frontend.schemas import ErrorOut, TaskList, TaskOut, VersionList, task_out, version_out
+from server.frontend.schemas import ErrorOut, TaskList, TaskOut, VersionList, VersionOut, task_out, version_out
 from vpt.errors import TaskFileError
 from vpt.task import bank_values, load_task_file, read_metadata
 
@@ -55,7 +55,15 @@ def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
 def list_versions(task_id: str, state: State, tenant: Tenant) -> VersionList:
     info = state.store.get_info(tenant, validate_id(task_id))
     versions = state.store.list_versions(tenant, task_id)
-    return VersionList(versions=[version_out(v, info.current_version, _element_size(state)) for v in versions])
+    return VersionList(versions=[version_out(v, info.current_version, element_size=_element_size(state)) for v in versions])
+
+
+@router.get("/tasks/{task_id}/versions/{version}", response_model=VersionOut)
+def get_version(task_id: str, version: int, state: State, tenant: Tenant) -> VersionOut:
+    """One version with all its metrics, the feature map (t-SNE of CLS features) included."""
+    info = state.store.get_info(tenant, validate_id(task_id))
+    record, _ = state.store.get_task(tenant, task_id, _version(task_id, version))
+    return version_out(record, info.current_version, full=True, element_size=_element_size(state))
 
 
 @router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut)
