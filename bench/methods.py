@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import device_name, interleaved  # noqa: E402
-from vpt.backbone import Backbone, load_backbone  # noqa: E402
-from vpt.engine import forward_logits, stack_slots, task_slot_tensors  # noqa: E402
-from vpt.task import TaskParams, TaskSpec  # noqa: E402
+from bench.engine import device_name, interleaved
+from vpt.backbone import Backbone, load_backbone
+from vpt.engine import forward_logits, stack_slots, task_slot_tensors
+from vpt.task import TaskParams, TaskSpec
 
 # name -> (method, prompts, options)
 METHODS = {

@@ -6,7 +6,6 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-
 log = logging.getLogger(__name__)
 
 

@@ -68,7 +68,7 @@ def prompt_kv(blk: Block, prompts: Tensor, weights: dict[str, Tensor] | None = N
 def block_forward(blk: Block, x: Tensor, ctx: BatchContext, layer: int, seq_len: Tensor | None,
                   weights: dict[str, Tensor] | None = None) -> Tensor:
     """One block: image tokens attend to [own tokens ; the task's deep prompts]; method hooks applied."""
-    B, N, D = x.shape
+    B, N, _ = x.shape
     attn, pre = blk.attn, f"blocks.{layer}."
 
     def p(name: str) -> Tensor | None:

@@ -139,7 +139,8 @@ class TaskParams(nn.Module):
         return params
 
     def components(self) -> list[tuple[str, Any, nn.Module | None]]:
-        return [(key, comp, self.parts[key] if key in self.parts else None) for key, comp in self._components]
+        parts = dict(self.parts.items())
+        return [(key, comp, parts.get(key)) for key, comp in self._components]
 
     @property
     def prompts(self) -> nn.Parameter | None:

@@ -24,10 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.backbone import Backbone
 from vpt.engine import forward_logits, training_table
-from vpt.errors import VPTError
-from vpt.metrics import accuracy
-from vpt.errors import TaskSpecError
+from vpt.errors import TaskSpecError, VPTError
 from vpt.methods import POOLINGS, head_component, parse_method
+from vpt.metrics import accuracy
 from vpt.task import MAX_PROMPTS, MAX_REDUCTION, TaskParams, TaskSpec, parse_layers
 from vpt.transforms import AUGMENTATIONS
 

@@ -82,7 +82,7 @@ def test_mixed_batch_of_all_methods_equals_reference_per_sample(which: str, bb64
             spec = tasks[s].spec
             ref = reference_logits(bb, images[b], spec, files_of(tasks[s], bb))
             torch.testing.assert_close(logits[b, :spec.num_classes], ref, rtol=0, atol=1e-10,
-                                       msg=lambda m: f"{spec.method} ({spec.head}, {spec.pooling}): {m}")
+                                       msg=lambda m, spec=spec: f"{spec.method} ({spec.head}, {spec.pooling}): {m}")
             assert torch.isinf(logits[b, spec.num_classes:]).all()
 
 

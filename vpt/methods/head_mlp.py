@@ -115,7 +115,7 @@ def _hidden(ctx: BatchContext, x: Tensor) -> Tensor:
     has = depth > 0
     for s in torch.unique(ctx.slot[has]).tolist():
         idx = (ctx.slot == s).nonzero()[:, 0]
-        h = _layers(x.index_select(0, idx), int(ctx.table.lengths["mlp_w"][s]), lambda name, j: t[name][s, j])
+        h = _layers(x.index_select(0, idx), int(ctx.table.lengths["mlp_w"][s]), lambda name, j, s=s: t[name][s, j])
         x = x.index_copy(0, idx, h)
     return x
 

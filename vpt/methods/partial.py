@@ -26,7 +26,7 @@ def partial_names(backbone: Backbone) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter of the last block and the final norm."""
     last = f"blocks.{backbone.depth - 1}."
     return [(n, tuple(p.shape)) for n, p in backbone.model.named_parameters()
-            if n.startswith(last) or n.startswith("norm.")]
+            if n.startswith((last, "norm."))]
 
 
 class Partial1(Component):
