@@ -119,6 +119,20 @@ class LocalJobsMixin:
         return sorted(out, key=lambda j: (j.created_at, j.job_id))
 
     # ---- the queue: claim the next queued job, round-robin across tenants
+    def index_active_jobs(self) -> int:
+        """Give every queued or running record its marker (stores written before markers existed);
+        returns how many were missing. Reads every record once: called when a queue opens."""
+        missing = 0
+        with self._writing():
+            for tenant in _id_entries(self.paths.tenants_dir):
+                for job_id in _id_entries(self.paths.jobs_dir(tenant), ".json"):
+                    marker = self.paths.active(tenant, job_id)
+                    with contextlib.suppress(JobNotFound, RecordCorrupt):
+                        if not marker.exists() and self._job(tenant, job_id).state in claims.ACTIVE_STATES:
+                            self._write(marker, b"", fsync=False)
+                            missing += 1
+        return missing
+
     def claim_next_job(self, worker: str, stale_s: float) -> JobRecord | None:
         """Claim the oldest queued job of the next tenant after the one served last; None if none."""
         tenants = _id_entries(self.paths.tenants_dir)

@@ -153,6 +153,7 @@ class LocalJobQueue(JobQueue):
         super().__init__(store, stale_s, max_claims)
         if not hasattr(store, "claim_next_job"):
             raise TypeError("LocalJobQueue needs a LocalStore")
+        store.index_active_jobs()  # type: ignore[attr-defined]
         self._cond = threading.Condition()
         self._closed = False
 

@@ -24,14 +24,6 @@ from server.settings import DEFAULT_BACKBONE
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
-# flag -> TrainOptions field; flags left out keep the TrainOptions default
-_OPTION_FLAGS = {"method": "method", "prompts": "num_prompts", "epochs": "epochs", "batch_size": "batch_size",
-                 "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
-                 "prompt_dropout": "prompt_dropout", "augmentation": "augmentation", "sweep": "sweep",
-                 "seed": "seed", "val_fraction": "val_fraction", "keep": "keep",
-                 "mixed_precision": "mixed_precision", "workers": "num_workers", "head": "head",
-                 "pooling": "pooling", "prompt_layers": "prompt_layers", "adapter_reduction": "adapter_reduction",
-                 "auto_methods": "auto_methods"}
 _BACKBONE_FLAGS = ("backbone", "backbone_weights", "backbone_kwargs", "device", "dtype")  # Settings fields
 
 
@@ -52,6 +44,22 @@ def _backbone_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="backbone dtype (env VPT_DTYPE; default float32)")
 
 
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
+
+
+def add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per training option, from the options schema (vpt/options.py); left out = its default."""
+    from vpt.options import form_schema
+
+    g = p.add_argument_group("training options (flags left out take their defaults)")
+    for name, prop in form_schema().items():
+        default = f" (default {prop['default']})" if "default" in prop else ""
+        text = f"{prop.get('description', name)}{default}".replace("%", "%%")
+        kind = prop.get("type", "string")
+        g.add_argument(f"--{prop['x-flag'].replace('_', '-')}", dest=name, choices=prop.get("enum"),
+                       type=_FLAG_TYPES.get(kind, str), metavar=None if "enum" in prop else kind.upper(), help=text)
+
+
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `train` and `eval`; each sets `func(args) -> exit status`."""
     t = subparsers.add_parser("train", help="train a task file from a dataset",
@@ -59,27 +67,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("dataset", type=Path, help="dataset archive or directory")
     t.add_argument("--task", help="task name, recorded in the file; the default output is TASK.safetensors")
     t.add_argument("--out", type=Path, help="output task file")
-    t.add_argument("--method", help="linear, or +-joined vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias), or auto")
-    t.add_argument("--head", help="linear or mlp-k (k in 2..8)")
-    t.add_argument("--pooling", choices=("cls", "image_mean", "prompt_mean", "all_mean"))
-    t.add_argument("--prompt-layers", help="vpt-deep: blocks i-j (inclusive) that get prompts")
-    t.add_argument("--adapter-reduction", type=int, help="adapter bottleneck d/r (the paper: 8, 64, 256)")
-    t.add_argument("--auto-methods", type=lambda v: tuple(v.split(",")),
-                   help="method auto: comma-separated candidate methods")
-    t.add_argument("--prompts", type=int, help="prompts per layer (ignored for linear)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="base learning rate (scaled by batch size / 256)")
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--warmup-epochs", type=int)
-    t.add_argument("--prompt-dropout", type=float)
-    t.add_argument("--augmentation", choices=("fgvc", "none"))
-    t.add_argument("--sweep", choices=("none", "small", "paper"), help="lr x weight-decay grid search")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--val-fraction", type=float)
-    t.add_argument("--keep", choices=("best", "last"), help="keep the best epoch (by val accuracy) or the last")
-    t.add_argument("--mixed-precision", choices=("auto", "bf16", "off"))
-    t.add_argument("--workers", type=int, help="data-loading worker processes")
+    add_option_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _backbone_flags(t)
     t.set_defaults(func=train_command)
@@ -165,10 +153,10 @@ def _as_archive(dataset: Path, tmp: Path) -> Path:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from vpt.train import TrainOptions
+    from vpt.options import TrainOptions
 
-    given = {field: getattr(args, flag) for flag, field in _OPTION_FLAGS.items() if getattr(args, flag) is not None}
-    return TrainOptions(**given)
+    return TrainOptions(**{name: getattr(args, name) for name in TrainOptions.model_fields
+                           if getattr(args, name, None) is not None})
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -237,10 +225,6 @@ def _train(args: argparse.Namespace) -> int:
     acc = "n/a (no validation images)" if m["val_accuracy"] is None else f"{m['val_accuracy']:.4f}"
     print(f"{result.spec.method}: val accuracy {acc}, best epoch {m['best_epoch']}/{options.epochs}, "
           f"{m['trainable_parameters']['total']} trainable parameters, {m['train_time_s']:.1f} s")
-    for row in (m.get("auto") or {}).get("leaderboard", []):
-        acc = "diverged" if row["diverged"] else f"{row['val_accuracy']:.4f}"
-        print(f"  auto: {row['method']:<24} val accuracy {acc}, {row['trainable_parameters']} trainable parameters, "
-              f"{row['train_time_s']} s")
     print(f"wrote {out} ({len(result.task_file)} bytes)")
     return 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +86,11 @@ class Settings(BaseSettings):
     @property
     def is_redis(self) -> bool:
         return self.store.startswith(("redis://", "rediss://", "unix://"))
+
+    @property
+    def store_redacted(self) -> str:
+        """The store URL as logs may show it: a password in it replaced by `***`."""
+        return re.sub(r"^([a-z]+://[^/@]*?:)[^/]+@", r"\1***@", self.store)
 
     @property
     def training_workers(self) -> int:

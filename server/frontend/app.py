@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         owned = state is None
         app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
         log.info("ready: backbone %s on %s, store %s", app.state.vpt.backbone.name, app.state.vpt.backbone.device,
-                 settings.store)
+                 settings.store_redacted)
         try:
             yield
         finally:

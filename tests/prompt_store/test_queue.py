@@ -17,6 +17,7 @@ from prompt_store import (
     JobFinished,
     JobQueue,
     JobRecord,
+    LocalStore,
     RedisStore,
     open_queue,
     request_cancel,
@@ -267,3 +268,12 @@ def test_request_cancel(store) -> None:
     store.update_job("t1", "job-2", state="succeeded")
     with pytest.raises(JobFinished):
         request_cancel(store, "t1", "job-2")
+
+
+def test_a_store_written_before_the_active_index_keeps_its_queue(tmp_path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.create_job(_job("t1", "job-old"))
+    store.paths.active("t1", "job-old").unlink()  # as a store from before the index has it
+    claim = open_queue(store).claim("w1", timeout_s=1)
+    assert claim is not None and claim.job_id == "job-old"
+    store.close()
