@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vpt.errors import TrainOptionsError
-from vpt.errors import TaskSpecError
+from vpt.errors import TaskSpecError, TrainOptionsError
 from vpt.methods import POOLINGS, head_component, parse_method
 from vpt.task import MAX_PROMPTS, MAX_REDUCTION, TaskSpec, parse_layers
 from vpt.transforms import AUGMENTATIONS

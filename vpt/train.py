@@ -24,10 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.backbone import Backbone
 from vpt.engine import forward_logits, training_table
-from vpt.errors import TrainingError, TrainOptionsError
+from vpt.errors import TaskSpecError, TrainingError, TrainOptionsError
 from vpt.metrics import accuracy
 from vpt.options import KEEP, LR_REFERENCE_BATCH, MIXED_PRECISION, SWEEPS, TrainOptions  # noqa: F401
-from vpt.errors import TaskSpecError
 from vpt.task import TaskParams
 
 log = logging.getLogger(__name__)
