@@ -239,9 +239,9 @@ def eval_command(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vpt.data import ImageDataset, ingest_archive
     from vpt.pipeline import evaluate
+    from vpt.preprocess import ImageTransform
     from vpt.task import load_task_file
     from vpt.train import TrainOptions
-    from vpt.transforms import eval_transform
 
     if not args.task_file.is_file():
         raise CliError("task_file_not_found", f"{args.task_file} does not exist")
@@ -263,7 +263,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise CliError("invalid_parameter", f"the dataset has no {args.split} images")
         samples = [(path, index[label]) for path, label in picked]
         options = TrainOptions(batch_size=args.batch_size)
-        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, eval_transform(
+        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, ImageTransform(
             backbone.data_config)), classes, options, batch_size=args.batch_size)
     _print_report(report, args)
     return 0
