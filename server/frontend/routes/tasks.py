@@ -19,6 +19,7 @@ from server.frontend.schemas import (
     task_out,
     version_out,
 )
+from vpt.backbone import parse_dtype
 from vpt.errors import TaskFileError
 from vpt.task import bank_values, load_task_file, read_metadata
 
@@ -30,7 +31,10 @@ MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not eve
 
 def _element_size(state: State) -> int:
     """Bytes per bank value at the serving dtype."""
-    return state.backbone.dtype.itemsize
+    dtype = getattr(state.backbone, "dtype", None)   # a front end without the engine knows the facts only
+    if dtype is None:
+        dtype = parse_dtype(str(state.backbone.describe().get("dtype", "float32")))
+    return dtype.itemsize
 
 
 def _version(task_id: str, version: int | None) -> int | None:
@@ -118,9 +122,9 @@ def _check_servable(blob: bytes, state: State) -> dict[str, str]:
     try:
         loaded = load_task_file(blob, state.backbone)
         spec, meta = loaded.spec, read_metadata(blob)
-        # the record shows what this server computes, not what the file claims
-        meta["trainable_parameters"] = str(loaded.params.num_trainable()["total"])
-        meta["bank_values"] = str(bank_values(loaded.params, state.backbone))
+        if hasattr(state.backbone, "model"):   # the record shows what this server computes, not the file's claim
+            meta["trainable_parameters"] = str(loaded.params.num_trainable()["total"])
+            meta["bank_values"] = str(bank_values(loaded.params, state.backbone))
     except TaskFileError as e:
         raise ApiError(422, e.code, e.message) from e
     except Exception as e:  # untrusted bytes: whatever else the parsers meet is the file's fault too
