@@ -157,7 +157,8 @@ def tiny_fs(tmp_path: Path):
 
 
 def test_a_full_disk_answers_507_and_leaves_nothing(tiny_fs: Path, tmp_path: Path, tiny_vit_env) -> None:
-    proc = ServerProcess({"VPT_STORE": str(tiny_fs / "store"), "VPT_WORKERS": "0", **tiny_vit_env},
+    proc = ServerProcess({"VPT_STORE": str(tiny_fs / "store"), "VPT_WORKERS": "0", "VPT_MIN_FREE_BYTES": "0",
+                          **tiny_vit_env},
                          tmp_path / "full.log").start()
     try:
         archive = make_digits_zip(tmp_path / "d.zip", classes=range(2), per_class=3).read_bytes()
