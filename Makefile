@@ -19,7 +19,7 @@ $(STAMP): $(PY) pyproject.toml client/pyproject.toml
 
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP)  # front-end processes + one engine process (VPT_FRONTEND_WORKERS=0: one process)
 	$(VENV)/bin/vpt-serve serve
 
 test: $(STAMP)

@@ -39,6 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: address_unavailable: cannot bind {settings.host}:{settings.port}: {e.strerror or e}",
               file=sys.stderr)
         return 2
+    if settings.frontends > 0:  # front-end processes and one engine process (docs/serving.md)
+        from server.supervisor import Supervisor
+
+        return Supervisor(settings, sock).run()
     state = _start_state(settings)
     if state is None:
         sock.close()
@@ -61,6 +65,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+def _settings_from_env():
+    """Settings of a child process of the supervisor (the environment only)."""
+    from server.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        sys.exit(f"error: invalid_settings: {e}")
 
 
 def _bind_allowed(settings) -> bool:

@@ -277,7 +277,9 @@ class TrainingWorker:
             beat.check()
             if self.store.get_job(job.tenant, job.job_id).cancel_requested:  # e.g. the task was deleted
                 raise TrainingCancelled("cancelled before publishing")
-            return Outcome("succeeded", {"metrics": result.metrics, "progress": beat.last}, result.task_file)
+            return Outcome("succeeded", {"metrics": result.metrics, "progress": beat.last,
+                                         "options": result.metadata["training"]["options"]},  # a sweep's winner
+                           result.task_file)
         except TrainingCancelled:
             beat.stop()
             beat.check()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,14 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(15.0, gt=0)     # /jobs/{id}/events sends a comment this often
     sse_max_s: float = Field(3600.0, gt=0)         # and closes after this long (clients reconnect)
 
+    # front-end processes and the engine process (docs/serving.md)
+    frontend_workers: int | None = Field(None, ge=0, le=256)  # None: one per spare core (>= 1); 0: one process
+    shm_slots: int = Field(64, ge=1, le=65536)               # shared-memory slots per front end (images in flight)
+    shm_slot_bytes: int = Field(4 << 20, ge=1 << 16)         # one decoded image (H*W*3) or a (3, H, W) float32
+    decode_threads: int = Field(2, ge=1, le=256)             # image-decoding threads per HTTP process
+    pin_memory: bool = True                                  # CUDA: stage uploads in pinned host memory
+    engine_start_timeout_s: float = Field(600.0, gt=0)       # the engine's backbone load, before front ends start
+
     # limits
     max_upload_bytes: int = Field(2 << 30, ge=1024)       # a training dataset
     max_image_bytes: int = Field(20 << 20, ge=1024)       # one image in a predict request
@@ -97,6 +106,12 @@ class Settings(BaseSettings):
         if self.workers is not None:
             return self.workers
         return 0 if self.is_redis else 1
+
+    @property
+    def frontends(self) -> int:
+        if self.frontend_workers is not None:
+            return self.frontend_workers
+        return max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def uploads_dir(self) -> Path:

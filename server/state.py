@@ -1,20 +1,23 @@
 """What the app holds for its lifetime: backbone, store, bank, batcher, jobs, workers, metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 import kernels
 from prompt_store.bank import PromptBank
 from prompt_store.base import Store
 from prompt_store.factory import open_queue, open_store
 from prompt_store.queue import JobQueue
-from server.engine.batcher import Batcher
+from server.engine.batcher import Batcher, Outcome
 from server.frontend.auth import KeyRing, load_keyring
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService, TrainingWorker
@@ -23,7 +26,6 @@ from server.settings import Settings
 from vpt.backbone import Backbone, load_backbone
 from vpt.data.limits import IngestLimits
 from vpt.priority import PriorityGate
-from vpt.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,8 @@ class AppState:
         bank = PromptBank(backbone, store, settings.bank_bytes, host_capacity_bytes=settings.host_cache_bytes)
         gate = PriorityGate(settings.training_share, device=backbone.device)
         batcher = Batcher(backbone, bank, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate)
-        decoder = ImageDecoder(eval_transform(backbone.data_config), settings.max_image_pixels)
+                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate, pin_memory=settings.pin_memory)
+        decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
         jobs = JobService(store, queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,
@@ -118,6 +120,27 @@ class AppState:
             t.start()
             self.workers.append(w)
             self.threads.append(t)
+
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | list[Tensor] | Tensor,
+                      top_k: int) -> Outcome:
+        """Decoded uint8 (H, W, 3) images or a preprocessed (n, 3, H, W) batch -> the task's answer."""
+        if isinstance(images, list):
+            images = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in images]
+        outcome = await self.batcher.predict(tenant, task, images, top_k)
+        self.metrics.predictions.labels(tenant, task).inc(len(images))
+        return outcome
+
+    def ready_checks(self, details: bool = False) -> dict[str, str]:
+        """Backbone loaded, batcher running, store reachable, enough disk: each "ok" or why not."""
+        from server.frontend.routes.system import readiness
+
+        return readiness(self, details)
+
+    async def ready(self, details: bool = False) -> dict[str, str]:
+        return await asyncio.to_thread(self.ready_checks, details)
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

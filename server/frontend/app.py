@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.console import routes as console
 from server.errors import install_handlers, is_oip_path, oip_error_body
 from server.frontend.routes import jobs, oip, predict, system, tasks
+from server.frontend.state import FrontendState
 from server.settings import Settings
 from server.state import AppState
 
@@ -124,21 +125,30 @@ class RequestContext:
             state.metrics.latency.labels(template, method).observe(seconds)
 
 
-def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
-    """The app; its lifespan loads the backbone and opens the store unless `state` is given."""
+def create_app(settings: Settings | None = None, state: AppState | None = None,
+               frontend: FrontendState | None = None) -> FastAPI:
+    """The app. Single process: its lifespan loads the backbone and opens the store unless `state` is
+    given. Front-end process: `frontend` connects to the engine process at startup."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = state is None
-        app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
-        log.info("ready: backbone %s on %s, store %s", app.state.vpt.backbone.name, app.state.vpt.backbone.device,
-                 settings.store_redacted)
+        owned = state is None and frontend is None
+        if frontend is not None:
+            await frontend.start()
+            app.state.vpt = frontend
+        else:
+            app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
+        facts = app.state.vpt.backbone.describe()
+        log.info("ready: backbone %s on %s, store %s", facts["name"], facts["device"], settings.store_redacted)
         try:
             yield
         finally:
             if owned:
                 await run_in_threadpool(app.state.vpt.close)
+            if frontend is not None:
+                await frontend.client.close()
+                frontend.close()
             app.state.vpt = None
 
     app = FastAPI(title="vpt-serve", version="0.1.0", lifespan=lifespan,

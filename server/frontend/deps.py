@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.frontend.auth import DEFAULT_TENANT
 from server.errors import ApiError
+from server.frontend.auth import DEFAULT_TENANT
 from server.state import AppState
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 from torch import Tensor
@@ -66,16 +67,16 @@ async def _read_raw(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
-async def classify(state: AppState, tenant: str, task: str, images: Tensor, top_k: int) -> Outcome:
-    """The prediction entry point of every HTTP route: `images` (n, 3, H, W) join the next shared batch;
-    504 `timeout` past the request timeout, 503 `busy` when the queue is full."""
+async def classify(state: AppState, tenant: str, task: str, images: list[np.ndarray] | Tensor,
+                   top_k: int) -> Outcome:
+    """The prediction entry point of every HTTP route: decoded uint8 (H, W, 3) images or a preprocessed
+    (n, 3, H, W) batch join the next shared batch (in this process, or the engine process's over the
+    channel); 504 `timeout` past the request timeout, 503 `busy` when the queue is full."""
     try:
-        outcome = await asyncio.wait_for(state.batcher.predict(tenant, task, images, top_k),
-                                         timeout=state.settings.request_timeout_s)
+        return await asyncio.wait_for(state.predict(tenant, task, images, top_k),
+                                      timeout=state.settings.request_timeout_s)
     except TimeoutError as e:
         raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
-    state.metrics.predictions.labels(tenant, task).inc(images.shape[0])
-    return outcome
 
 
 @router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,

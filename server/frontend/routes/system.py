@@ -49,10 +49,10 @@ def readiness(state: AppState, details: bool = False) -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(request: Request, state: State) -> JSONResponse:
+async def readyz(request: Request, state: State) -> JSONResponse:
     """Backbone loaded, store reachable, batcher running, enough free disk; 503 `not_ready` otherwise.
     Details (paths, store messages, free bytes) only go to loopback or authenticated callers."""
-    checks = readiness(state, details=_may_see_details(request, state))
+    checks = await state.ready(details=_may_see_details(request, state))  # in the engine process, if apart
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     return JSONResponse({"error": {"code": "not_ready", "message": "not ready", "details": checks}},
@@ -83,7 +83,7 @@ def _may_see_details(request: Request, state: AppState) -> bool:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(request: Request, state: State) -> Response:
+async def metrics(request: Request, state: State) -> Response:
     """Prometheus text. Labels name tenants and tasks, so it answers loopback callers, or callers
     presenting `VPT_METRICS_TOKEN` as a bearer token."""
     token = state.settings.metrics_token
@@ -92,4 +92,4 @@ def metrics(request: Request, state: State) -> Response:
         token is None and is_loopback(request.client.host if request.client else None))
     if not allowed:
         raise ApiError(403, "forbidden", "/metrics needs VPT_METRICS_TOKEN as a bearer token (or a loopback caller)")
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(await state.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
