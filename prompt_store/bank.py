@@ -259,17 +259,20 @@ class PromptBank:
     def _hold_all(self, counts: Counter[TaskKey], lease: Lease) -> dict[TaskKey, tuple[int, TaskSpec] | Exception]:
         """Pin each key into `lease` (slot order = first appearance), loading the misses in parallel."""
         held: dict[TaskKey, tuple[int, TaskSpec] | Exception] = {}
-        loads: dict[TaskKey, Future[Loaded]] = {}
+        missing: list[TaskKey] = []
         with self._lock:
             for key, n in counts.items():
                 entry = self._entries.get(key)
                 if entry is None:
                     self.misses += 1
                     self.hits += n - 1
-                    loads[key] = self._loader.load(key)
+                    missing.append(key)
                     continue
                 self.hits += n
                 held[key] = self._pin(entry, lease)
+        # store reads start on the pool first, then host-tier hits (one upload each) load right here
+        missing.sort(key=lambda k: k in self.host)
+        loads: dict[TaskKey, Future[Loaded]] = {k: self._loader.load(k, here=k in self.host) for k in missing}
         for key, fut in loads.items():
             try:
                 loaded = fut.result()
