@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -270,9 +269,10 @@ class PromptBank:
                     continue
                 self.hits += n
                 held[key] = self._pin(entry, lease)
-        # store reads start on the pool first, then host-tier hits (one upload each) load right here
+        # store reads start on the pool first (in parallel), then host-tier hits (one upload each) and
+        # a lone miss load right here, without a thread hand-off
         missing.sort(key=lambda k: k in self.host)
-        loads: dict[TaskKey, Future[Loaded]] = {k: self._loader.load(k, here=k in self.host) for k in missing}
+        loads = {k: self._loader.load(k, here=len(missing) == 1 or k in self.host) for k in missing}
         for key, fut in loads.items():
             try:
                 loaded = fut.result()
