@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve test compose-test bench lint clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "python3.11 not found; set PYTHON=..."; exit 1; }
@@ -19,12 +19,18 @@ $(STAMP): $(PY) pyproject.toml client/pyproject.toml
 
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP)  # front-end processes + one engine process (VPT_FRONTEND_WORKERS=0: one process)
 	$(VENV)/bin/vpt-serve serve
 
 test: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is needed by the tests: apt-get install -y redis-server"; exit 1; }
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The compose stack for real on this host's Docker engine (stand-in base images, no Docker Hub
+# needed; the first build downloads torch into the image). Not part of `make test`. docs/deploy.md.
+compose-test: $(STAMP)
+	@command -v docker >/dev/null 2>&1 || { echo "docker is needed: apt-get install -y docker.io docker-compose debootstrap"; exit 1; }
+	nice -n 10 $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/deploy $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/engine.py

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
+from prompt_store import claims
 from prompt_store.errors import RecordCorrupt
 from prompt_store.events import Subscription
 from prompt_store.ids import validate_id
@@ -75,7 +76,56 @@ class Store(ABC):
 
     @abstractmethod
     def list_all_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
-        """Jobs of every tenant (restart recovery), oldest first."""
+        """Jobs of every tenant (recovery, sweeps), oldest first."""
+
+    # ---- claims and fencing (rules in prompt_store.claims)
+    @abstractmethod
+    def modify_job(self, tenant: str, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord:
+        """Atomic read-modify-write: store `change(job)` unless it is None (then nothing is written);
+        returns what is stored. `change` may run more than once (optimistic retries): keep it pure."""
+
+    @abstractmethod
+    def publish_job(self, tenant: str, job_id: str, token: int, blob: bytes, metadata: Mapping[str, str],
+                    **fields: Any) -> tuple[JobRecord, TaskVersion]:
+        """One atomic step: put `blob` as the task's new version and mark the job `succeeded` with it,
+        only while `token` is the job's current claim (ClaimLost, JobFinished) and the task was not
+        deleted since the job was created (TaskFenced). Idempotent by job id: a retry of a publish that
+        happened returns the version it made."""
+
+    @abstractmethod
+    def task_fence(self, tenant: str, task_id: str) -> int:
+        """How many times the task was deleted; a job records it at creation (`JobRecord.fence`)."""
+
+    def claim_job(self, tenant: str, job_id: str, worker: str, stale_s: float,
+                  delivery: str | None = None) -> JobRecord:
+        """Claim one job for `worker` (see claims.claim_update); the record carries the new token."""
+        return self.modify_job(tenant, job_id, lambda j: claims.claim_update(j, worker, stale_s, delivery))
+
+    def heartbeat_job(self, tenant: str, job_id: str, token: int,
+                      progress: dict[str, Any] | None = None) -> JobRecord:
+        """The claim's worker is alive (and reports progress); ClaimLost/JobFinished if it lost the job."""
+        return self.modify_job(tenant, job_id, lambda j: claims.heartbeat_update(j, token, progress))
+
+    def finish_job(self, tenant: str, job_id: str, token: int, state: str, **fields: Any) -> JobRecord:
+        """Record the claim's outcome (terminal, or `queued` to hand it back), fenced by `token`."""
+        return self.modify_job(tenant, job_id, lambda j: claims.outcome_update(j, token, state, fields))
+
+    def reap_job(self, tenant: str, job_id: str, stale_s: float, max_claims: int) -> JobRecord | None:
+        """Re-queue (or fail, after `max_claims` claims) a running job whose worker went silent.
+        Returns the new record, or None if the job was not stale."""
+        changed: list[JobRecord] = []
+
+        def change(job: JobRecord) -> JobRecord | None:
+            new = claims.reap_update(job, stale_s, max_claims)
+            changed[:] = [new] if new is not None else []
+            return new
+
+        self.modify_job(tenant, job_id, change)
+        return changed[0] if changed else None
+
+    def cancel_job(self, tenant: str, job_id: str, stale_s: float | None = None) -> JobRecord:
+        """Cancel a job (see claims.cancel_update); JobFinished if it already ended."""
+        return self.modify_job(tenant, job_id, lambda j: claims.cancel_update(j, stale_s))
 
     # ---- training locks: at most one training per task
     @abstractmethod

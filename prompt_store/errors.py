@@ -42,6 +42,18 @@ class StoreConflict(StoreError):
     code = "conflict"
 
 
+class ClaimLost(StoreConflict):
+    """The worker's claim on a job is no longer current (another claim fenced it, or the job ended)."""
+
+    code = "claim_lost"
+
+
+class TaskFenced(StoreConflict):
+    """The task was deleted after the job was created: the job may not publish into it."""
+
+    code = "task_deleted"
+
+
 class JobFinished(StoreConflict):
     """The job is already in a terminal state (succeeded, failed, cancelled); it cannot change state."""
 
@@ -52,6 +64,20 @@ class StoreUnavailable(StoreError):
     """The backend cannot be reached or timed out; retrying later may succeed."""
 
     code = "store_unavailable"
+
+
+class StoreFull(StoreUnavailable):
+    """The store's disk is full or read-only (ENOSPC, EDQUOT, EROFS); nothing was half-written."""
+
+    code = "insufficient_storage"
+
+
+DISK_FULL_ERRNOS = frozenset({28, 122, 30})  # ENOSPC, EDQUOT, EROFS
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that means "no space (or no write access) on this filesystem"."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 class BankFull(StoreError):

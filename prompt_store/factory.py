@@ -7,7 +7,8 @@ from urllib.parse import unquote, urlparse
 from prompt_store.base import Store
 from prompt_store.errors import StoreError
 from prompt_store.local import LocalStore
-from prompt_store.queue import JobQueue, LocalJobQueue, RedisJobQueue
+from prompt_store.queue import JobQueue, LocalJobQueue
+from prompt_store.redis_queue import RedisJobQueue
 from prompt_store.redis_store import RedisStore
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -44,8 +45,11 @@ def open_store(url: str, **options: object) -> Store:
     )
 
 
-def open_queue(store: Store) -> JobQueue:
-    """The durable Redis Streams queue for a Redis store, the in-process queue otherwise."""
+def open_queue(store: Store, stale_s: float = 120.0, max_claims: int = 3) -> JobQueue:
+    """The Redis Streams queue for a Redis store; the store's own records for a local one.
+
+    `stale_s`: a running job whose worker sent no heartbeat this long is recovered; `max_claims`:
+    a job claimed this many times without finishing is failed (`worker_lost`)."""
     if isinstance(store, RedisStore):
-        return RedisJobQueue(store)
-    return LocalJobQueue(store)
+        return RedisJobQueue(store, stale_s, max_claims)
+    return LocalJobQueue(store, stale_s, max_claims)

@@ -65,7 +65,16 @@ class RedisKeys:
         return f"{self.prefix}:events"  # pub/sub channel of ChangeEvent JSON
 
     def queue(self) -> str:
-        return f"{self.prefix}:queue"  # STREAM of {tenant, job_id}
+        return f"{self.prefix}:queue"  # prefix of the queue's global keys
+
+    def queue_tenants(self) -> str:
+        return f"{self.prefix}:queue:tenants"  # SET of tenants that have a job stream
+
+    def queue_cursor(self) -> str:
+        return f"{self.prefix}:queue:cursor"  # STRING the tenant served last (round-robin)
+
+    def tenant_queue(self, tenant: str) -> str:
+        return self.tenant_prefix(tenant) + "queue"  # STREAM of {tenant, job_id}, group `workers`
 
     def tasks(self, tenant: str) -> str:
         return self.tenant_prefix(tenant) + "tasks"  # SET of task ids
@@ -93,6 +102,9 @@ class RedisKeys:
 
     def train_lock(self, tenant: str, task_id: str) -> str:
         return self.tenant_prefix(tenant) + f"lock:train:{validate_id(task_id)}"  # STRING holder, PX ttl
+
+    def fence(self, tenant: str, task_id: str) -> str:
+        return self._task(tenant, task_id) + "fence"  # deletes so far; survives delete
 
     def tenant_of(self, key: str) -> str | None:
         """The tenant a key belongs to, or None for a global key (inverse of `tenant_prefix`)."""
@@ -153,3 +165,16 @@ class LocalPaths:
 
     def train_lock(self, tenant: str, task_id: str) -> Path:
         return self.tenant(tenant) / "locks" / f"train-{validate_id(task_id)}.json"
+
+    def fence(self, tenant: str, task_id: str) -> Path:
+        return self.tenant(tenant) / "fences" / validate_id(task_id)  # deletes so far; survives delete
+
+    def active_dir(self, tenant: str) -> Path:
+        return self.tenant(tenant) / "active"  # one empty file per queued or running job: the queue
+
+    def active(self, tenant: str, job_id: str) -> Path:
+        return self.active_dir(tenant) / validate_id(job_id, "job id")
+
+    @property
+    def queue_cursor(self) -> Path:
+        return self.root / "queue.cursor"  # the tenant served last (round-robin across tenants)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,62 +29,31 @@ from filelock import FileLock, Timeout
 
 from prompt_store.base import Store, check_put, new_version, verify_blob
 from prompt_store.errors import (
-    JobNotFound,
     RecordCorrupt,
-    StoreConflict,
+    StoreFull,
     StoreUnavailable,
     TaskNotFound,
     VersionNotFound,
+    is_disk_full,
 )
 from prompt_store.events import EventHub, FileEventLog, Subscription
-from prompt_store.ids import ID_PATTERN, LocalPaths, validate_id, validate_version
-from prompt_store.records import ChangeEvent, JobRecord, TaskInfo, TaskVersion, apply_job_update
+from prompt_store.ids import LocalPaths, validate_id, validate_version
+from prompt_store.local_files import (
+    _atomic_write,
+    _fsync_dir,
+    _id_entries,
+    _json_bytes,
+    _read_json,
+    remove_old_temp_files,
+)
+from prompt_store.local_jobs import LocalJobsMixin
+from prompt_store.records import ChangeEvent, TaskInfo, TaskVersion
 
 log = logging.getLogger(__name__)
 
 _LIVE: dict[str, weakref.WeakSet[LocalStore]] = {}  # root -> open stores in this process
 _LIVE_LOCK = threading.Lock()
 _HEADER = struct.Struct(">I")  # a version file is: JSON length, the TaskVersion JSON, the blob
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, fsync: bool) -> None:
-    """Write `data` to `path` so readers see the old or the new content (the caller fsyncs the dir)."""
-    tmp = path.parent / f"~tmp~{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _json_bytes(data: Mapping[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object; FileNotFoundError propagates, anything unreadable is RecordCorrupt."""
-    raw = path.read_bytes()
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RecordCorrupt(f"{path.name} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecordCorrupt(f"{path.name} is not a JSON object")
-    return data
 
 
 def _version_bytes(record: TaskVersion, blob: bytes) -> bytes:
@@ -108,23 +77,7 @@ def _read_version_file(path: Path, with_blob: bool) -> tuple[TaskVersion, bytes 
     return record, (raw[_HEADER.size + n:] if with_blob else None)
 
 
-def _id_entries(directory: Path, suffix: str = "") -> list[str]:
-    """Names in `directory` that are valid ids once `suffix` is stripped (temp and trash names are not)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
-        if suffix and not name.endswith(suffix):
-            continue
-        stem = name[: len(name) - len(suffix)] if suffix else name
-        if ID_PATTERN.fullmatch(stem) and stem not in (".", ".."):
-            out.append(stem)
-    return sorted(out)
-
-
-class LocalStore(Store):
+class LocalStore(LocalJobsMixin, Store):
     """The directory-tree store. Safe across threads and across processes on one host."""
 
     def __init__(self, root: str | Path, poll_interval: float = 0.05, lock_timeout: float = 30.0,
@@ -154,7 +107,8 @@ class LocalStore(Store):
         try:
             yield
         except OSError as exc:
-            raise StoreUnavailable(f"store directory {self.root}: {exc}") from exc
+            kind = StoreFull if is_disk_full(exc) else StoreUnavailable
+            raise kind(f"store directory {self.root}: {exc}") from exc
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -222,22 +176,25 @@ class LocalStore(Store):
 
     def put_task(self, tenant: str, task_id: str, blob: bytes, metadata: Mapping[str, str]) -> TaskVersion:
         meta = check_put(tenant, task_id, blob, metadata)
-        blob = bytes(blob)
         with self._writing():
-            n = self._next_version(tenant, task_id)
-            record = new_version(tenant, task_id, n, blob, meta)
-            try:
-                created_at = self._head(tenant, task_id)["created_at"]
-            except TaskNotFound:
-                created_at = record.created_at
-            # The counter only has to outlive the versions: delete_task makes it durable first.
-            self._write(self.paths.counter(tenant, task_id), str(n).encode(), fsync=False)
-            self._write(self.paths.version(tenant, task_id, n), _version_bytes(record, blob))
-            self._sync(self.paths.versions_dir(tenant, task_id))
-            head = {"current": n, "created_at": created_at, "updated_at": record.created_at}
-            self._write(self.paths.head(tenant, task_id), _json_bytes(head))  # the flip
-            self._sync(self.paths.task(tenant, task_id))
-            self._publish(ChangeEvent(tenant, task_id, n, "put"))
+            return self._put_locked(tenant, task_id, bytes(blob), meta)
+
+    def _put_locked(self, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]) -> TaskVersion:
+        """A put, under the write lock (also the first half of a job's publish)."""
+        n = self._next_version(tenant, task_id)
+        record = new_version(tenant, task_id, n, blob, meta)
+        try:
+            created_at = self._head(tenant, task_id)["created_at"]
+        except TaskNotFound:
+            created_at = record.created_at
+        # The counter only has to outlive the versions: delete_task makes it durable first.
+        self._write(self.paths.counter(tenant, task_id), str(n).encode(), fsync=False)
+        self._write(self.paths.version(tenant, task_id, n), _version_bytes(record, blob))
+        self._sync(self.paths.versions_dir(tenant, task_id))
+        head = {"current": n, "created_at": created_at, "updated_at": record.created_at}
+        self._write(self.paths.head(tenant, task_id), _json_bytes(head))  # the flip
+        self._sync(self.paths.task(tenant, task_id))
+        self._publish(ChangeEvent(tenant, task_id, n, "put"))
         return record
 
     def get_task(self, tenant: str, task_id: str, version: int | None = None) -> tuple[TaskVersion, bytes]:
@@ -309,6 +266,7 @@ class LocalStore(Store):
         task_dir = self.paths.task(tenant, task_id)
         with self._writing():
             self._head(tenant, task_id)
+            self._bump_fence(tenant, task_id)  # in-flight jobs of this task can no longer publish
             counter = self.paths.counter(tenant, task_id)
             if self._fsync and counter.exists():  # the numbers must survive the versions
                 with open(counter, "rb") as f:
@@ -319,53 +277,6 @@ class LocalStore(Store):
             self._sync(task_dir.parent)
             self._publish(ChangeEvent(tenant, task_id, None, "delete"))
         shutil.rmtree(doomed, ignore_errors=True)
-
-    # ---- jobs
-    def _job(self, tenant: str, job_id: str) -> JobRecord:
-        try:
-            return JobRecord.from_dict(_read_json(self.paths.job(tenant, job_id)))
-        except FileNotFoundError:
-            raise JobNotFound(f"job {job_id!r} not found") from None
-
-    def _put_job(self, job: JobRecord) -> None:
-        path = self.paths.job(job.tenant, job.job_id)
-        self._write(path, _json_bytes(job.to_dict()))
-        self._sync(path.parent)
-
-    def create_job(self, job: JobRecord) -> JobRecord:
-        validate_id(job.tenant, "tenant")
-        validate_id(job.task_id)
-        with self._writing():
-            if self.paths.job(job.tenant, job.job_id).exists():
-                raise StoreConflict(f"job {job.job_id!r} already exists")
-            self._put_job(job)
-        return job
-
-    def update_job(self, tenant: str, job_id: str, *, expect_states: Iterable[str] | None = None,
-                   **fields: Any) -> JobRecord:
-        with self._writing():
-            job = apply_job_update(self._job(tenant, job_id), fields, expect_states)
-            self._put_job(job)
-        return job
-
-    def get_job(self, tenant: str, job_id: str) -> JobRecord:
-        with self._io():
-            return self._job(tenant, job_id)
-
-    def list_jobs(self, tenant: str, task_id: str | None = None, state: str | None = None) -> list[JobRecord]:
-        jobs = []
-        with self._io():
-            for job_id in _id_entries(self.paths.jobs_dir(tenant), ".json"):
-                with contextlib.suppress(JobNotFound):
-                    jobs.append(self._job(tenant, job_id))
-        jobs = [j for j in jobs if (task_id is None or j.task_id == task_id) and (state is None or j.state == state)]
-        return sorted(jobs, key=lambda j: (j.created_at, j.job_id), reverse=True)
-
-    def list_all_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
-        jobs = []
-        for tenant in _id_entries(self.paths.tenants_dir):
-            jobs += [j for j in self.list_jobs(tenant) if states is None or j.state in states]
-        return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
 
     # ---- training locks (a JSON file holding the holder and a wall-clock expiry)
     def _lock_state(self, tenant: str, task_id: str) -> dict[str, Any] | None:
@@ -413,6 +324,16 @@ class LocalStore(Store):
         return sub
 
     # ---- lifecycle
+    def sweep_temp(self, min_age_s: float = 60.0) -> int:
+        """Remove temp files older than `min_age_s` and the trash a killed delete left; returns a count."""
+        with self._io():
+            removed = remove_old_temp_files(self.root, min_age_s)
+            for doomed in self.paths.trash.iterdir():
+                if time.time() - doomed.stat().st_mtime >= min_age_s:
+                    shutil.rmtree(doomed, ignore_errors=True)
+                    removed += 1
+        return removed
+
     def ping(self) -> None:
         with self._io():
             os.stat(self.paths.tenants_dir)

@@ -1,87 +1,124 @@
-"""The durable job queue the server's job runner pulls training jobs from, plus cancellation.
+"""The job queue the training workers pull from: claims, heartbeats, recovery, cancellation.
 
-Semantics (both implementations): FIFO, at-least-once. `claim` hands one job to a worker, which
-`heartbeat`s while it works and `ack`s when the job reached a terminal state. A job claimed by a
-worker that died (no heartbeat for `idle_ms`) is handed to another by `recover_stale`; its
-`Claim.deliveries` then counts deliveries, so a job that kills every worker can be failed.
+The job record in the store is the truth, and every delivery of a job to a worker is a *claim* on
+the record (`Store.claim_job`): a conditional state change that bumps the job's `claim_token`.
+A worker's heartbeats, progress, publish and outcome all carry that token and are refused once
+another claim fenced it (prompt_store.claims), so a job is published and finished exactly once even
+when a stalled worker comes back.
 
-The queue carries only (tenant, job_id): the job record in the store stays the truth. A runner
-moves a claimed job to `running` with `store.update_job(..., expect_states=...)`, so a job that was
-cancelled while queued, or that two queues hold, runs at most once at a time. Cancellation lives on
-the record (`request_cancel`): a queued job becomes `cancelled` at once, a running one gets
-`cancel_requested=True`, which its worker polls.
+- `LocalJobQueue` (file store): the store's queued records *are* the queue. Any process on the host
+  can submit (create a queued record) and any process can claim (`LocalStore.claim_next_job`, under
+  the store's file lock, round-robin across tenants). Nothing lives only in memory.
+- `RedisJobQueue`: a Redis Stream with one consumer group carries (tenant, job_id) deliveries; a
+  delivery is turned into a claim on the record, and acknowledged only once its outcome is recorded.
+
+Recovery is by heartbeat, never by "whatever was running when I started is dead": a running job
+whose worker has been silent for `stale_s` is re-queued (or failed after `max_claims` claims) by
+`reap`, run by every worker; in Redis mode a delivery still pending in the stream is taken over by
+`recover_stale` instead. Cancellation lives on the record (`request_cancel`).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import redis
-
+from prompt_store import claims
 from prompt_store.base import Store
-from prompt_store.errors import StoreConflict
-from prompt_store.ids import RedisKeys, validate_id
+from prompt_store.errors import JobNotFound, StoreConflict
+from prompt_store.ids import validate_id
 from prompt_store.records import JobRecord
-from prompt_store.redis_store import RedisStore, translated
 
 log = logging.getLogger(__name__)
 
-# Refresh the idle time of a pending entry only if `worker` still owns it (1 ok, 0 gone, -1 stolen).
-_HEARTBEAT_SCRIPT = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 then return 0 end
-if p[1][2] ~= ARGV[3] then return -1 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
-return 1
-"""
-
-
 @dataclass(frozen=True)
 class Claim:
-    """One delivery of a job to a worker."""
+    """One delivery of a job to a worker: `token` is the job's claim token for this delivery."""
 
     tenant: str
     job_id: str
     worker: str
     message_id: str
     deliveries: int = 1
+    token: int = 0
+    job: JobRecord | None = None
+
+    @classmethod
+    def of(cls, job: JobRecord, message_id: str | None = None) -> Claim:
+        return cls(job.tenant, job.job_id, job.worker or "", message_id or job.job_id, job.claim_token,
+                   job.claim_token, job)
 
 
 class JobQueue(ABC):
-    """Queue of (tenant, job_id) with claims, heartbeats, recovery and per-task training locks."""
+    """Claims of job records, with heartbeats, recovery, reaping and per-task training locks."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, stale_s: float = 120.0, max_claims: int = 3) -> None:
         self.store = store
+        self.stale_s, self.max_claims = stale_s, max_claims
+
+    def submit(self, job: JobRecord) -> JobRecord:
+        """Create a queued job record and make it claimable (one step where the backend allows)."""
+        job = self.store.create_job(job)
+        self.enqueue(job.tenant, job.job_id)
+        return job
 
     @abstractmethod
     def enqueue(self, tenant: str, job_id: str) -> str:
-        """Append a job; returns the message id."""
+        """Make an existing queued record claimable; returns the delivery id."""
 
     @abstractmethod
     def claim(self, worker: str, timeout_s: float) -> Claim | None:
-        """The next job for `worker`, waiting up to `timeout_s`; None if none came."""
+        """The next job for `worker` (now `running` under a new token), waiting up to `timeout_s`."""
 
     @abstractmethod
     def ack(self, claim: Claim) -> bool:
-        """The job is done (whatever its outcome): drop it. False if it was no longer pending."""
+        """The claim's outcome is recorded: drop the delivery. False if it was no longer pending."""
 
-    @abstractmethod
-    def heartbeat(self, claim: Claim) -> None:
-        """`claim.worker` is still alive and working; StoreConflict if the claim was lost."""
+    def heartbeat(self, claim: Claim, progress: dict[str, Any] | None = None) -> JobRecord:
+        """`claim.worker` is alive (and reports progress); ClaimLost or JobFinished if it lost the job."""
+        return self.store.heartbeat_job(claim.tenant, claim.job_id, claim.token, progress)
 
     @abstractmethod
     def recover_stale(self, idle_ms: int, worker: str, count: int = 1) -> list[Claim]:
-        """Hand up to `count` jobs whose worker sent no heartbeat for `idle_ms` to `worker`."""
+        """Claim up to `count` deliveries whose worker sent no heartbeat for `idle_ms`."""
+
+    @abstractmethod
+    def requeue(self, claim: Claim) -> JobRecord:
+        """Hand the claimed job back to the queue (the worker stops, not the job's fault)."""
 
     @abstractmethod
     def stats(self) -> dict[str, int]:
-        """`waiting` (not yet claimed) and `claimed` (claimed, not acked) counts."""
+        """`waiting` (not yet claimed) and `claimed` (claimed, not finished) counts."""
+
+    def _covered(self, job: JobRecord) -> bool:
+        """Whether a pending delivery still covers `job` (then recovery, not the reaper, handles it)."""
+        return False
+
+    def _before_reap(self, job: JobRecord) -> None:
+        """Called before the reaper may re-queue `job` (Redis adds its delivery first, so a crash in
+        between leaves a stray delivery, which a claim drops, never a queued job nothing delivers)."""
+
+    def reap(self) -> list[JobRecord]:
+        """Re-queue, or fail after `max_claims` claims, `running` jobs whose worker heartbeat is older
+        than `stale_s` and that no pending delivery covers. Returns the jobs it changed."""
+        out = []
+        for job in self.store.list_all_jobs({"running"}):
+            if not claims.is_stale(job, self.stale_s) or self._covered(job):
+                continue
+            self._before_reap(job)
+            try:
+                new = self.store.reap_job(job.tenant, job.job_id, self.stale_s, self.max_claims)
+            except (StoreConflict, JobNotFound):
+                continue
+            if new is None:
+                continue
+            log.warning("job %s: worker %s silent for %.0fs; job %s", job.job_id, job.worker, self.stale_s,
+                        "re-queued" if new.state == "queued" else "failed")
+            out.append(new)
+        return out
 
     def try_lock_task(self, tenant: str, task_id: str, job_id: str, ttl_s: float) -> bool:
         """At most one training per task: take (or refresh, for the same job) the task's lock."""
@@ -98,221 +135,79 @@ class JobQueue(ABC):
         """Release resources; the store stays open (its owner closes it)."""
 
 
-def request_cancel(store: Store, tenant: str, job_id: str) -> JobRecord:
-    """Cancel a job: a queued one becomes `cancelled` now, a running one gets `cancel_requested`.
+def request_cancel(store: Store, tenant: str, job_id: str, stale_s: float | None = None) -> JobRecord:
+    """Cancel a job: a queued one (or a running one whose worker has been silent for `stale_s`) is
+    `cancelled` now; a live running one gets `cancel_requested`, which its worker polls.
 
     Raises JobFinished (a StoreConflict) if the job is already terminal, JobNotFound if unknown.
     """
-    for _ in range(5):
-        job = store.get_job(tenant, job_id)
-        try:
-            if job.state == "queued":
-                return store.update_job(tenant, job_id, expect_states={"queued"}, state="cancelled",
-                                        cancel_requested=True)
-            return store.update_job(tenant, job_id, expect_states={"running"}, cancel_requested=True)
-        except StoreConflict:
-            if store.get_job(tenant, job_id).terminal:
-                raise
-    raise StoreConflict(f"job {job_id!r} keeps changing state; try again")
-
-
-@dataclass
-class _Pending:
-    claim: Claim
-    last_seen: float
+    return store.cancel_job(tenant, job_id, stale_s)
 
 
 class LocalJobQueue(JobQueue):
-    """In-process queue (embedded mode). On construction it re-enqueues the store's `queued` jobs,
-    oldest first, so queued jobs survive a restart; the store's records are the durable part."""
+    """The file store's queued records are the queue: any process on the host submits and claims."""
 
-    def __init__(self, store: Store, requeue: bool = True) -> None:
-        super().__init__(store)
+    POLL_S = 0.2  # how often a waiting claim looks for work submitted by another process
+
+    def __init__(self, store: Store, stale_s: float = 120.0, max_claims: int = 3) -> None:
+        super().__init__(store, stale_s, max_claims)
+        if not hasattr(store, "claim_next_job"):
+            raise TypeError("LocalJobQueue needs a LocalStore")
+        store.index_active_jobs()  # type: ignore[attr-defined]
         self._cond = threading.Condition()
-        self._waiting: deque[Claim] = deque()  # worker "" until claimed
-        self._pending: dict[str, _Pending] = {}
-        self._ids = itertools.count(1)
         self._closed = False
-        if requeue:
-            for job in store.list_all_jobs({"queued"}):
-                self.enqueue(job.tenant, job.job_id)
 
     def enqueue(self, tenant: str, job_id: str) -> str:
         validate_id(tenant, "tenant")
-        validate_id(job_id, "job id")
+        job = self.store.get_job(tenant, validate_id(job_id, "job id"))
+        if job.state != "queued":
+            raise StoreConflict(f"job {job_id!r} is {job.state}, not queued")
         with self._cond:
-            for entry in [*self._waiting, *(p.claim for p in self._pending.values())]:
-                if (entry.tenant, entry.job_id) == (tenant, job_id):
-                    return entry.message_id  # already queued: enqueue is idempotent here
-            message_id = str(next(self._ids))
-            self._waiting.append(Claim(tenant, job_id, "", message_id, 0))
-            self._cond.notify()
-        return message_id
+            self._cond.notify_all()
+        return job_id
 
     def claim(self, worker: str, timeout_s: float) -> Claim | None:
         validate_id(worker, "worker")
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._waiting or self._closed, timeout=max(0.0, timeout_s)):
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while not self._closed:
+            job = self.store.claim_next_job(worker, self.stale_s)  # type: ignore[attr-defined]
+            if job is not None:
+                return Claim.of(job)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return None
-            if self._closed:
-                return None
-            entry = self._waiting.popleft()
-            claim = replace(entry, worker=worker, deliveries=entry.deliveries + 1)
-            self._pending[claim.message_id] = _Pending(claim, time.monotonic())
-        return claim
+            with self._cond:
+                self._cond.wait(min(self.POLL_S, remaining))
+        return None
 
     def ack(self, claim: Claim) -> bool:
-        with self._cond:
-            return self._pending.pop(claim.message_id, None) is not None
-
-    def heartbeat(self, claim: Claim) -> None:
-        with self._cond:
-            pending = self._pending.get(claim.message_id)
-            if pending is None or pending.claim.worker != claim.worker:
-                raise StoreConflict(f"worker {claim.worker!r} no longer holds job {claim.job_id!r}")
-            pending.last_seen = time.monotonic()
+        return True  # the recorded outcome is the acknowledgement
 
     def recover_stale(self, idle_ms: int, worker: str, count: int = 1) -> list[Claim]:
         validate_id(worker, "worker")
-        now = time.monotonic()
         out = []
-        with self._cond:
-            for pending in list(self._pending.values()):
-                if len(out) >= count:
-                    break
-                if (now - pending.last_seen) * 1000 >= idle_ms:
-                    old = pending.claim
-                    pending.claim = replace(old, worker=worker, deliveries=old.deliveries + 1)
-                    pending.last_seen = now
-                    out.append(pending.claim)
+        for job in self.store.list_all_jobs({"running"}):
+            if len(out) >= count:
+                break
+            if claims.is_stale(job, idle_ms / 1000):
+                try:
+                    out.append(Claim.of(self.store.claim_job(job.tenant, job.job_id, worker, idle_ms / 1000)))
+                except (StoreConflict, JobNotFound):
+                    continue
         return out
 
-    def stats(self) -> dict[str, int]:
+    def requeue(self, claim: Claim) -> JobRecord:
+        job = self.store.finish_job(claim.tenant, claim.job_id, claim.token, "queued")
         with self._cond:
-            return {"waiting": len(self._waiting), "claimed": len(self._pending)}
+            self._cond.notify_all()
+        return job
+
+    def stats(self) -> dict[str, int]:
+        active = self.store.list_all_jobs({"queued", "running"})
+        waiting = sum(j.state == "queued" for j in active)
+        return {"waiting": waiting, "claimed": len(active) - waiting}
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-
-def _entries(response: Any) -> list[tuple[bytes, dict]]:
-    """(id, fields) pairs from an XREADGROUP reply, RESP2 (list) or RESP3 (dict) shaped."""
-    streams = response.items() if isinstance(response, dict) else (response or [])
-    out = []
-    for item in streams:
-        _, messages = item
-        out += [(mid, fields) for mid, fields in messages if fields]
-    return out
-
-
-class RedisJobQueue(JobQueue):
-    """Redis Streams with one consumer group: XADD to enqueue, XREADGROUP to claim, XACK+XDEL to
-    ack, XAUTOCLAIM to take over a dead worker's pending entry. Durable with append-only files."""
-
-    def __init__(self, store: RedisStore, block_ms: int = 1000) -> None:
-        super().__init__(store)
-        self._r = store.client
-        self.stream = store.keys.queue()
-        self.group = RedisKeys.QUEUE_GROUP
-        # Each XREADGROUP blocks at most this, well under the socket timeout, and claim() loops.
-        self._block_ms = max(1, min(block_ms, int(store.socket_timeout * 500)))
-        self._heartbeat = self._r.register_script(_HEARTBEAT_SCRIPT)
-        self._group_ready = False
-
-    def _ensure_group(self, force: bool = False) -> None:
-        if self._group_ready and not force:
-            return
-        try:
-            self._r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
-
-    def _with_group(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call `fn`, recreating the stream and group once if they vanished (e.g. data loss)."""
-        self._ensure_group()
-        try:
-            return fn(*args, **kwargs)
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            self._ensure_group(force=True)
-            return fn(*args, **kwargs)
-
-    @translated
-    def enqueue(self, tenant: str, job_id: str) -> str:
-        fields = {"tenant": validate_id(tenant, "tenant"), "job_id": validate_id(job_id, "job id")}
-        self._ensure_group()
-        return self._r.xadd(self.stream, fields).decode()
-
-    @translated
-    def claim(self, worker: str, timeout_s: float) -> Claim | None:
-        validate_id(worker, "worker")
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            block = max(1, min(self._block_ms, remaining_ms))
-            reply = self._with_group(self._r.xreadgroup, self.group, worker, {self.stream: ">"}, count=1, block=block)
-            for mid, fields in _entries(reply):
-                claim = self._parse(mid, fields, worker)
-                if claim is not None:
-                    return claim
-            if time.monotonic() >= deadline:
-                return None
-
-    def _parse(self, mid: bytes, fields: dict, worker: str, deliveries: int = 1) -> Claim | None:
-        text = {k.decode(): v.decode() for k, v in fields.items()}
-        try:
-            return Claim(validate_id(text["tenant"], "tenant"), validate_id(text["job_id"], "job id"), worker,
-                         mid.decode(), deliveries)
-        except (KeyError, ValueError):
-            log.warning("dropping a malformed queue entry %r: %r", mid, fields)
-            self._r.xack(self.stream, self.group, mid)
-            self._r.xdel(self.stream, mid)
-            return None
-
-    @translated
-    def ack(self, claim: Claim) -> bool:
-        with self._r.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, self.group, claim.message_id)
-            pipe.xdel(self.stream, claim.message_id)
-            acked, _ = pipe.execute()
-        return bool(acked)
-
-    @translated
-    def heartbeat(self, claim: Claim) -> None:
-        result = self._heartbeat(keys=[self.stream], args=[self.group, claim.message_id, claim.worker])
-        if result != 1:
-            raise StoreConflict(f"worker {claim.worker!r} no longer holds job {claim.job_id!r}")
-
-    @translated
-    def recover_stale(self, idle_ms: int, worker: str, count: int = 1) -> list[Claim]:
-        validate_id(worker, "worker")
-        out: list[Claim] = []
-        cursor: bytes | str = "0-0"
-        while len(out) < count:
-            cursor, messages, *_ = self._with_group(self._r.xautoclaim, self.stream, self.group, worker,
-                                                    min_idle_time=max(0, int(idle_ms)), start_id=cursor,
-                                                    count=count - len(out))
-            for mid, fields in messages:
-                info = self._r.xpending_range(self.stream, self.group, min=mid, max=mid, count=1)
-                deliveries = info[0]["times_delivered"] if info else 2
-                claim = self._parse(mid, fields or {}, worker, deliveries) if fields else None
-                if claim is not None:
-                    out.append(claim)
-            if cursor in (b"0-0", "0-0"):
-                break
-        return out
-
-    @translated
-    def stats(self) -> dict[str, int]:
-        self._ensure_group()
-        with self._r.pipeline(transaction=True) as pipe:
-            pipe.xlen(self.stream)
-            pipe.xpending(self.stream, self.group)
-            length, pending = pipe.execute()
-        claimed = int(pending["pending"]) if isinstance(pending, dict) else int(pending[0])
-        return {"waiting": max(0, int(length) - claimed), "claimed": claimed}

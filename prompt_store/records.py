@@ -107,6 +107,10 @@ class JobRecord:
     cancel_requested: bool = False
     worker: str | None = None
     dataset_path: str | None = None
+    claim_token: int = 0                # fencing counter: grows on every claim (see prompt_store.claims)
+    heartbeat_at: float | None = None   # wall clock of the claiming worker's last heartbeat
+    fence: int = 0                      # the task's delete counter when the job was created
+    delivery: str | None = None         # the queue entry (Redis stream id) of the current claim
 
     def __post_init__(self) -> None:
         _need(self.state in JOB_STATES, f"state must be one of {JOB_STATES}, got {self.state!r}")
@@ -153,7 +157,8 @@ def apply_job_update(job: JobRecord, fields: Mapping[str, Any],
 
     - `job_id`, `tenant`, `task_id`, `created_at` cannot change; unknown fields are a TypeError;
     - with `expect_states`, the job must currently be in one of them, else StoreConflict;
-    - a terminal state is final: moving a terminal job to another state is JobFinished (a StoreConflict);
+    - a terminal state is final and written once: any state write to a terminal job is JobFinished
+      (a StoreConflict), so a second outcome (a second publish) is refused;
     - `updated_at` becomes now; entering `running` sets `started_at`, entering a terminal state sets
       `finished_at` (unless the caller passes them).
     """
@@ -170,7 +175,7 @@ def apply_job_update(job: JobRecord, fields: Mapping[str, Any],
             error = JobFinished if job.terminal else StoreConflict
             raise error(f"job {job.job_id} is {job.state}, expected one of {sorted(allowed)}")
     new_state = fields.get("state", job.state)
-    if job.terminal and new_state != job.state:
+    if job.terminal and "state" in fields:
         raise JobFinished(f"job {job.job_id} is already {job.state}")
     now = time.time() if now is None else now
     changes: dict[str, Any] = {"updated_at": now, **fields}

@@ -9,13 +9,12 @@ sees the old version or the new one, never half. Every redis error becomes Store
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Mapping
+from typing import ParamSpec, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -26,7 +25,6 @@ from redis.retry import Retry
 
 from prompt_store.base import Store, check_put, new_version, verify_blob
 from prompt_store.errors import (
-    JobNotFound,
     RecordCorrupt,
     StoreConflict,
     StoreUnavailable,
@@ -35,7 +33,8 @@ from prompt_store.errors import (
 )
 from prompt_store.events import EventHub, Subscription
 from prompt_store.ids import RedisKeys, validate_id, validate_version
-from prompt_store.records import ChangeEvent, JobRecord, TaskInfo, TaskVersion, apply_job_update
+from prompt_store.records import ChangeEvent, TaskInfo, TaskVersion
+from prompt_store.redis_jobs import RedisJobsMixin, translated
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -54,19 +53,6 @@ _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def translated(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn any redis error escaping `fn` into StoreUnavailable, chained."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
-
-    return wrapper
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -89,7 +75,7 @@ def _client(url: str, socket_timeout: float, connect_timeout: float, retry: Retr
                                 health_check_interval=15)
 
 
-class RedisStore(Store):
+class RedisStore(RedisJobsMixin, Store):
     """The Redis backend (redis-py sync client; thread-safe through its connection pool)."""
 
     def __init__(self, url: str, prefix: str = "vpt", socket_timeout: float = 5.0, connect_timeout: float = 2.0,
@@ -131,27 +117,33 @@ class RedisStore(Store):
         meta = check_put(tenant, task_id, blob, metadata)
         blob = bytes(blob)
         draft = new_version(tenant, task_id, 1, blob, meta)  # hashed once, numbered under WATCH
-        k = self.keys
-        counter, head = k.counter(tenant, task_id), k.head(tenant, task_id)
+        counter, head = self.keys.counter(tenant, task_id), self.keys.head(tenant, task_id)
 
         def body(pipe: redis.client.Pipeline) -> TaskVersion:
             pipe.watch(counter, head)
-            n = int(pipe.get(counter) or 0) + 1
-            created_at = _s(pipe.hget(head, "created_at"))
-            record = dataclasses.replace(draft, version=n, created_at=time.time())
-            pipe.multi()
-            pipe.set(counter, n)
-            pipe.hset(k.version(tenant, task_id, n), mapping={"record": json.dumps(record.to_dict()), "blob": blob})
-            pipe.zadd(k.versions(tenant, task_id), {str(n): n})
-            pipe.hset(head, mapping={"current": n, "created_at": created_at or record.created_at,
-                                     "updated_at": record.created_at})
-            pipe.sadd(k.tasks(tenant), task_id)
-            pipe.sadd(k.tenants(), tenant)
-            pipe.publish(k.events(), ChangeEvent(tenant, task_id, n, "put").to_json())
+            record = self._queue_put(pipe, draft, blob)
             pipe.execute()
             return record
 
         return self._optimistic(body)
+
+    def _queue_put(self, pipe: redis.client.Pipeline, draft: TaskVersion, blob: bytes) -> TaskVersion:
+        """Read the counter and head (WATCHed by the caller), then MULTI and queue the put's writes."""
+        k, tenant, task_id = self.keys, draft.tenant, draft.task_id
+        counter, head = k.counter(tenant, task_id), k.head(tenant, task_id)
+        n = int(pipe.get(counter) or 0) + 1
+        created_at = _s(pipe.hget(head, "created_at"))
+        record = dataclasses.replace(draft, version=n, created_at=time.time())
+        pipe.multi()
+        pipe.set(counter, n)
+        pipe.hset(k.version(tenant, task_id, n), mapping={"record": json.dumps(record.to_dict()), "blob": blob})
+        pipe.zadd(k.versions(tenant, task_id), {str(n): n})
+        pipe.hset(head, mapping={"current": n, "created_at": created_at or record.created_at,
+                                 "updated_at": record.created_at})
+        pipe.sadd(k.tasks(tenant), task_id)
+        pipe.sadd(k.tenants(), tenant)
+        pipe.publish(k.events(), ChangeEvent(tenant, task_id, n, "put").to_json())
+        return record
 
     def _read_version(self, tenant: str, task_id: str, n: int) -> tuple[TaskVersion, bytes] | None:
         raw, blob = self.client.hmget(self.keys.version(tenant, task_id, n), ["record", "blob"])
@@ -258,71 +250,13 @@ class RedisStore(Store):
                 raise TaskNotFound(f"task {task_id!r} not found")
             numbers = [int(n) for n in pipe.zrange(versions, 0, -1)]
             pipe.multi()
+            pipe.incr(k.fence(tenant, task_id))  # in-flight jobs of this task can no longer publish
             pipe.delete(head, versions, *(k.version(tenant, task_id, n) for n in numbers))
             pipe.srem(k.tasks(tenant), task_id)  # the counter stays: numbers never repeat
             pipe.publish(k.events(), ChangeEvent(tenant, task_id, None, "delete").to_json())
             pipe.execute()
 
         self._optimistic(body)
-
-    # ---- jobs (JSON strings, indexed per tenant by a sorted set scored by created_at)
-    @translated
-    def create_job(self, job: JobRecord) -> JobRecord:
-        validate_id(job.task_id)
-        key = self.keys.job(job.tenant, job.job_id)
-
-        def body(pipe: redis.client.Pipeline) -> JobRecord:
-            pipe.watch(key)
-            if pipe.exists(key):
-                raise StoreConflict(f"job {job.job_id!r} already exists")
-            pipe.multi()
-            pipe.set(key, job.to_json())
-            pipe.zadd(self.keys.jobs(job.tenant), {job.job_id: job.created_at})
-            pipe.sadd(self.keys.tenants(), job.tenant)
-            pipe.execute()
-            return job
-
-        return self._optimistic(body)
-
-    @translated
-    def update_job(self, tenant: str, job_id: str, *, expect_states: Iterable[str] | None = None,
-                   **fields: Any) -> JobRecord:
-        key = self.keys.job(tenant, job_id)
-
-        def body(pipe: redis.client.Pipeline) -> JobRecord:
-            pipe.watch(key)
-            raw = pipe.get(key)
-            if raw is None:
-                raise JobNotFound(f"job {job_id!r} not found")
-            job = apply_job_update(JobRecord.from_json(raw), fields, expect_states)
-            pipe.multi()
-            pipe.set(key, job.to_json())
-            pipe.execute()
-            return job
-
-        return self._optimistic(body)
-
-    @translated
-    def get_job(self, tenant: str, job_id: str) -> JobRecord:
-        raw = self.client.get(self.keys.job(tenant, job_id))
-        if raw is None:
-            raise JobNotFound(f"job {job_id!r} not found")
-        return JobRecord.from_json(raw)
-
-    @translated
-    def list_jobs(self, tenant: str, task_id: str | None = None, state: str | None = None) -> list[JobRecord]:
-        ids = [_s(j) for j in self.client.zrange(self.keys.jobs(tenant), 0, -1)]
-        raws = self.client.mget([self.keys.job(tenant, j) for j in ids]) if ids else []
-        jobs = [JobRecord.from_json(r) for r in raws if r is not None]
-        jobs = [j for j in jobs if (task_id is None or j.task_id == task_id) and (state is None or j.state == state)]
-        return sorted(jobs, key=lambda j: (j.created_at, j.job_id), reverse=True)
-
-    @translated
-    def list_all_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
-        jobs = []
-        for tenant in sorted(_s(t) for t in self.client.smembers(self.keys.tenants())):
-            jobs += [j for j in self.list_jobs(tenant) if states is None or j.state in states]
-        return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
 
     # ---- training locks: SET PX owned by a holder, compared-and-set in Lua
     @translated

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 
 from pydantic import ValidationError
@@ -27,52 +29,108 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    if not _bind_allowed(settings):
+        return 2
+    try:  # the port first: a process that cannot serve loads nothing, touches no job, starts no worker
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as e:
+        print(f"error: address_unavailable: cannot bind {settings.host}:{settings.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
+    if settings.frontends > 0:  # front-end processes and one engine process (docs/serving.md)
+        from server.supervisor import Supervisor
+
+        return Supervisor(settings, sock).run()
+    state = _start_state(settings)
+    if state is None:
+        sock.close()
+        return 2
     import uvicorn
 
     from server.frontend.app import create_app
+
+    config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
+                            timeout_graceful_shutdown=10, limit_concurrency=settings.max_connections)
+    clean = False
+    try:
+        uvicorn.Server(config).run(sockets=[sock])  # returns on SIGINT/SIGTERM once requests drained
+    finally:
+        clean = state.close()  # workers stop at their next step and hand their jobs back
+        sock.close()
+    if not clean:  # a training thread did not stop within the grace period: its job was handed back
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+def _settings_from_env():
+    """Settings of a child process of the supervisor (the environment only)."""
+    from server.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        sys.exit(f"error: invalid_settings: {e}")
+
+
+def _bind_allowed(settings) -> bool:
     from server.frontend.auth import AuthConfigError, load_keyring
 
-    settings = _settings(args)
-    _setup_logging(settings.log_level)
     try:
         keyring = load_keyring(settings.api_keys, settings.api_keys_file)
     except AuthConfigError as e:
         print(f"error: invalid_api_keys: {e}", file=sys.stderr)
-        return 2
+        return False
     if not keyring.enabled and not settings.bind_is_loopback() and not settings.allow_unauthenticated:
         print(f"error: refusing to bind {settings.host} without API keys: set VPT_API_KEYS (or "
               "VPT_API_KEYS_FILE), bind 127.0.0.1, or set VPT_ALLOW_UNAUTHENTICATED=1", file=sys.stderr)
-        return 2
+        return False
+    return True
+
+
+def _start_state(settings):
+    """Load before serving, so a missing backbone or store is one clear line, not a traceback."""
     from prompt_store.errors import StoreError
     from server.state import AppState
     from vpt.errors import VPTError
 
-    try:  # load before serving, so a missing backbone or store is one clear line, not a traceback
-        state = AppState.start(settings)
+    try:
+        return AppState.start(settings)
     except (VPTError, StoreError) as e:
         print(f"error: {getattr(e, 'code', 'startup_failed')}: {e}", file=sys.stderr)
         if "Hub" in str(e) or "hub" in str(e):
             print("hint: the backbone is downloaded from the Hugging Face hub on first start; offline, set "
                   "VPT_BACKBONE_WEIGHTS to a local checkpoint", file=sys.stderr)
-        return 2
+        return None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (OSError if taken), handed to uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        uvicorn.run(create_app(settings, state=state), host=settings.host, port=settings.port,
-                    log_level=settings.log_level, timeout_graceful_shutdown=10)
-    finally:
-        state.close()
-    return 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A training worker on the shared store's durable queue (distributed mode)."""
-    from prompt_store.factory import open_queue, open_store
-    from server.state import build_backbone, build_worker
+    from prompt_store.factory import open_store
+    from server.state import build_backbone, build_worker, open_job_queue
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     backbone = build_backbone(settings)
     store = open_store(settings.store)
-    queue = open_queue(store)
+    queue = open_job_queue(settings, store)
     worker = build_worker(settings, store, queue, backbone, name=args.name)
     def _stop(*_: object) -> None:
         worker.stop()

@@ -24,12 +24,6 @@ from server.settings import DEFAULT_BACKBONE
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
-# flag -> TrainOptions field; flags left out keep the TrainOptions default
-_OPTION_FLAGS = {"method": "method", "prompts": "num_prompts", "epochs": "epochs", "batch_size": "batch_size",
-                 "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
-                 "prompt_dropout": "prompt_dropout", "augmentation": "augmentation", "sweep": "sweep",
-                 "seed": "seed", "val_fraction": "val_fraction", "keep": "keep",
-                 "mixed_precision": "mixed_precision", "workers": "num_workers"}
 _BACKBONE_FLAGS = ("backbone", "backbone_weights", "backbone_kwargs", "device", "dtype")  # Settings fields
 
 
@@ -50,6 +44,22 @@ def _backbone_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="backbone dtype (env VPT_DTYPE; default float32)")
 
 
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
+
+
+def add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per training option, from the options schema (vpt/options.py); left out = its default."""
+    from vpt.options import form_schema
+
+    g = p.add_argument_group("training options (flags left out take their defaults)")
+    for name, prop in form_schema().items():
+        default = f" (default {prop['default']})" if "default" in prop else ""
+        text = f"{prop.get('description', name)}{default}".replace("%", "%%")
+        kind = prop.get("type", "string")
+        g.add_argument(f"--{prop['x-flag'].replace('_', '-')}", dest=name, choices=prop.get("enum"),
+                       type=_FLAG_TYPES.get(kind, str), metavar=None if "enum" in prop else kind.upper(), help=text)
+
+
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `train` and `eval`; each sets `func(args) -> exit status`."""
     t = subparsers.add_parser("train", help="train a task file from a dataset",
@@ -57,21 +67,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("dataset", type=Path, help="dataset archive or directory")
     t.add_argument("--task", help="task name, recorded in the file; the default output is TASK.safetensors")
     t.add_argument("--out", type=Path, help="output task file")
-    t.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"))
-    t.add_argument("--prompts", type=int, help="prompts per layer (ignored for linear)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="base learning rate (scaled by batch size / 256)")
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--warmup-epochs", type=int)
-    t.add_argument("--prompt-dropout", type=float)
-    t.add_argument("--augmentation", choices=("fgvc", "none"))
-    t.add_argument("--sweep", choices=("none", "small", "paper"), help="lr x weight-decay grid search")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--val-fraction", type=float)
-    t.add_argument("--keep", choices=("best", "last"), help="keep the best epoch (by val accuracy) or the last")
-    t.add_argument("--mixed-precision", choices=("auto", "bf16", "off"))
-    t.add_argument("--workers", type=int, help="data-loading worker processes")
+    add_option_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _backbone_flags(t)
     t.set_defaults(func=train_command)
@@ -157,10 +153,10 @@ def _as_archive(dataset: Path, tmp: Path) -> Path:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from vpt.train import TrainOptions
+    from vpt.options import TrainOptions
 
-    given = {field: getattr(args, flag) for flag, field in _OPTION_FLAGS.items() if getattr(args, flag) is not None}
-    return TrainOptions(**given)
+    return TrainOptions(**{name: getattr(args, name) for name in TrainOptions.model_fields
+                           if getattr(args, name, None) is not None})
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -240,9 +236,9 @@ def eval_command(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vpt.data import ImageDataset, ingest_archive
     from vpt.pipeline import evaluate
+    from vpt.preprocess import ImageTransform
     from vpt.task import load_task_file
     from vpt.train import TrainOptions
-    from vpt.transforms import eval_transform
 
     if not args.task_file.is_file():
         raise CliError("task_file_not_found", f"{args.task_file} does not exist")
@@ -264,7 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise CliError("invalid_parameter", f"the dataset has no {args.split} images")
         samples = [(path, index[label]) for path, label in picked]
         options = TrainOptions(batch_size=args.batch_size)
-        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, eval_transform(
+        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, ImageTransform(
             backbone.data_config)), classes, options, batch_size=args.batch_size)
     _print_report(report, args)
     return 0

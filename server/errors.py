@@ -18,11 +18,13 @@ from prompt_store.errors import (
     RecordCorrupt,
     StoreConflict,
     StoreError,
+    StoreFull,
     StoreUnavailable,
     TaskNotFound,
     TaskTooLarge,
     TaskUnservable,
     VersionNotFound,
+    is_disk_full,
 )
 from vpt.data.errors import DatasetError
 from vpt.errors import TaskFileError, TaskSpecError, VPTError
@@ -42,6 +44,12 @@ class ApiError(Exception):
 
 def busy(message: str, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, "busy", message, headers={"Retry-After": str(retry_after_s)})
+
+
+def insufficient_storage() -> ApiError:
+    """507: the server's disk is full (or read-only); nothing was stored. Retrying later may work."""
+    return ApiError(507, "insufficient_storage", "the server is out of disk space; nothing was stored",
+                    headers={"Retry-After": "30"})
 
 
 _STATUS_OF_CODE = ((TaskNotFound, 404), (VersionNotFound, 404), (JobNotFound, 404), (TaskTooLarge, 422),
@@ -64,6 +72,9 @@ def translate(exc: Exception) -> ApiError:
         return ApiError(409, "conflict", str(exc))
     if isinstance(exc, BankFull):
         return busy(f"every prompt bank slot is in use: {exc}")
+    if isinstance(exc, StoreFull) or is_disk_full(exc):
+        log.error("out of disk space: %s", exc)
+        return insufficient_storage()
     if isinstance(exc, StoreUnavailable):
         return ApiError(503, "store_unavailable", "the prompt store is unavailable; retry shortly",
                         headers={"Retry-After": "2"})
@@ -108,7 +119,7 @@ def error_response(err: ApiError, request_id: str | None = None, path: str = "")
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "validation_error", 503: "busy"}
 
 

@@ -6,17 +6,17 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-
 log = logging.getLogger(__name__)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("vpt_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.http_registry = CollectorRegistry()  # apart: with front-end processes, they count HTTP
+        r, h = self.registry, self.http_registry
+        self.requests = Counter("vpt_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=h)
         self.latency = Histogram("vpt_http_request_seconds", "HTTP request latency", ["route", "method"],
-                                 registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+                                 registry=h, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.batch_size = Histogram("vpt_batch_images", "Images per forward batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.queue_depth = Gauge("vpt_queue_images", "Images waiting for a batch", registry=r)
@@ -45,6 +45,11 @@ class Metrics:
             yield fam
 
     def render(self) -> bytes:
+        """Everything this process counts (single-process mode)."""
+        return generate_latest(self.http_registry) + generate_latest(self.registry)
+
+    def render_engine(self) -> bytes:
+        """Batches, queue, bank, jobs and predictions: the engine process's share of a scrape."""
         return generate_latest(self.registry)
 
 

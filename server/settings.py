@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +33,13 @@ class Settings(BaseSettings):
     data_dir: Path | None = None              # uploaded datasets; default <store>/uploads or ./var/uploads
     workers: int | None = None                # in-process training workers; default 1 (file store), 0 (redis)
     job_heartbeat_s: float = 10.0
-    job_stale_s: float = 120.0                # a claimed job silent this long is recovered by another worker
+    job_stale_s: float = Field(120.0, gt=0)   # a claimed job silent this long is recovered by another worker
+    job_max_claims: int = Field(3, ge=1)      # a job claimed this often without finishing fails (worker_lost)
+    shutdown_grace_s: float = Field(20.0, gt=0)  # on SIGINT/SIGTERM: time for training to stop and hand back
+    job_sweep_s: float = Field(300.0, gt=0)   # how often a worker removes files no live job needs
+    max_active_jobs_per_tenant: int = Field(16, ge=1)      # queued + running; more answers 429 too_many_jobs
+    max_pending_bytes_per_tenant: int = Field(8 << 30, ge=1024)  # their uploads; 429 too_much_pending_data
+    min_free_bytes: int = Field(256 << 20, ge=0)  # /readyz answers 503 (disk: low) below this free space
 
     # serving
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -41,6 +49,19 @@ class Settings(BaseSettings):
     host_cache_bytes: int = Field(4 << 30, ge=0)          # host tier behind it (page-locked on CUDA)
     training_share: float = Field(0.2, ge=0, lt=1)        # device time training may take while batches wait
     request_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = Field(900.0, gt=0)     # a request body must arrive within this (else 408)
+    body_idle_timeout_s: float = Field(30.0, gt=0)  # ...with no gap between its chunks longer than this
+    max_connections: int = Field(1000, ge=1)       # concurrent connections per process; more answers 503
+    sse_keepalive_s: float = Field(15.0, gt=0)     # /jobs/{id}/events sends a comment this often
+    sse_max_s: float = Field(3600.0, gt=0)         # and closes after this long (clients reconnect)
+
+    # front-end processes and the engine process (docs/serving.md)
+    frontend_workers: int | None = Field(None, ge=0, le=256)  # None: one per spare core (>= 1); 0: one process
+    shm_slots: int = Field(64, ge=1, le=65536)               # shared-memory slots per front end (images in flight)
+    shm_slot_bytes: int = Field(4 << 20, ge=1 << 16)         # one decoded image (H*W*3) or a (3, H, W) float32
+    decode_threads: int = Field(2, ge=1, le=256)             # image-decoding threads per HTTP process
+    pin_memory: bool = True                                  # CUDA: stage uploads in pinned host memory
+    engine_start_timeout_s: float = Field(600.0, gt=0)       # the engine's backbone load, before front ends start
 
     # limits
     max_upload_bytes: int = Field(2 << 30, ge=1024)       # a training dataset
@@ -76,10 +97,21 @@ class Settings(BaseSettings):
         return self.store.startswith(("redis://", "rediss://", "unix://"))
 
     @property
+    def store_redacted(self) -> str:
+        """The store URL as logs may show it: a password in it replaced by `***`."""
+        return re.sub(r"^([a-z]+://[^/@]*?:)[^/]+@", r"\1***@", self.store)
+
+    @property
     def training_workers(self) -> int:
         if self.workers is not None:
             return self.workers
         return 0 if self.is_redis else 1
+
+    @property
+    def frontends(self) -> int:
+        if self.frontend_workers is not None:
+            return self.frontend_workers
+        return max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def uploads_dir(self) -> Path:

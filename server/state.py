@@ -1,27 +1,31 @@
 """What the app holds for its lifetime: backbone, store, bank, batcher, jobs, workers, metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 import kernels
 from prompt_store.bank import PromptBank
 from prompt_store.base import Store
 from prompt_store.factory import open_queue, open_store
 from prompt_store.queue import JobQueue
+from server.engine.batcher import Batcher, Outcome
 from server.frontend.auth import KeyRing, load_keyring
-from server.engine.batcher import Batcher
 from server.frontend.images import ImageDecoder
-from server.jobs import JobService, TrainingWorker, fail_interrupted
+from server.jobs import JobService, TrainingWorker
 from server.metrics import Metrics
 from server.settings import Settings
 from vpt.backbone import Backbone, load_backbone
 from vpt.data.limits import IngestLimits
 from vpt.priority import PriorityGate
-from vpt.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,20 @@ def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Ba
     """
     limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
                           max_classes=settings.max_task_classes)
-    return TrainingWorker(store, queue, backbone, work_dir=settings.uploads_dir.resolve().parent / "work",
-                          limits=limits, heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s,
-                          name=name, gate=gate or PriorityGate(settings.training_share, device=backbone.device))
+    return TrainingWorker(store, queue, backbone, work_dir=work_dir(settings), limits=limits,
+                          heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s, name=name,
+                          max_deliveries=settings.job_max_claims, uploads_dir=settings.uploads_dir.resolve(),
+                          sweep_s=settings.job_sweep_s,
+                          gate=gate or PriorityGate(settings.training_share, device=backbone.device))
+
+
+def work_dir(settings: Settings) -> Path:
+    """Where deliveries train: `<data>/../work/<tenant>/<job>/<attempt>/`."""
+    return settings.uploads_dir.resolve().parent / "work"
+
+
+def open_job_queue(settings: Settings, store: Store) -> JobQueue:
+    return open_queue(store, stale_s=settings.job_stale_s, max_claims=settings.job_max_claims)
 
 
 @dataclass
@@ -79,25 +94,22 @@ class AppState:
         keyring = load_keyring(settings.api_keys, settings.api_keys_file)
         backbone = build_backbone(settings)
         store = open_store(settings.store)
-        queue = open_queue(store)
+        queue = open_job_queue(settings, store)
         metrics = Metrics()
         bank = PromptBank(backbone, store, settings.bank_bytes, host_capacity_bytes=settings.host_cache_bytes)
         gate = PriorityGate(settings.training_share, device=backbone.device)
         batcher = Batcher(backbone, bank, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate)
-        decoder = ImageDecoder(eval_transform(backbone.data_config), settings.max_image_pixels)
+                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate, pin_memory=settings.pin_memory)
+        decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
+        jobs = JobService(store, queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,
+                          settings.max_pending_bytes_per_tenant)
         state = cls(settings=settings, keyring=keyring, backbone=backbone, store=store, queue=queue, bank=bank,
-                    batcher=batcher, decoder=decoder, jobs=JobService(store, queue, uploads), metrics=metrics,
-                    gate=gate)
+                    batcher=batcher, decoder=decoder, jobs=jobs, metrics=metrics, gate=gate)
         metrics.attach(bank, state.job_counts)
         batcher.start()
-        if settings.training_workers > 0:
-            if not settings.is_redis:
-                n = fail_interrupted(store)
-                if n:
-                    log.warning("%d job(s) interrupted by the last shutdown were marked failed", n)
+        if settings.training_workers > 0:  # recovery is by heartbeat (JobQueue.reap), never at startup
             state.start_workers(settings.training_workers)
         return state
 
@@ -109,20 +121,51 @@ class AppState:
             self.workers.append(w)
             self.threads.append(t)
 
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | list[Tensor] | Tensor,
+                      top_k: int) -> Outcome:
+        """Decoded uint8 (H, W, 3) images or a preprocessed (n, 3, H, W) batch -> the task's answer."""
+        if isinstance(images, list):
+            images = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in images]
+        outcome = await self.batcher.predict(tenant, task, images, top_k)
+        self.metrics.predictions.labels(tenant, task).inc(len(images))
+        return outcome
+
+    def ready_checks(self, details: bool = False) -> dict[str, str]:
+        """Backbone loaded, batcher running, store reachable, enough disk: each "ok" or why not."""
+        from server.frontend.routes.system import readiness
+
+        return readiness(self, details)
+
+    async def ready(self, details: bool = False) -> dict[str, str]:
+        return await asyncio.to_thread(self.ready_checks, details)
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
     def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for job in self.store.list_all_jobs():
             counts[job.state] = counts.get(job.state, 0) + 1
         return counts
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop everything; True if every worker thread ended within the grace period. A worker
+        still training by then has its job handed back to the queue here (and the caller must not
+        wait for that thread: the process should exit)."""
         for w in self.workers:
             w.stop()
         self.batcher.stop()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
         for t in self.threads:
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        clean = True
+        for w, t in zip(self.workers, self.threads):
+            if t.is_alive():
+                clean = False
+                w.abandon()
         self.decoder.close()
         self.bank.close()
         self.queue.close()
         self.store.close()
+        return clean
 

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# The client package of this checkout, not whichever copy is installed (e.g. editable from another tree).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "client"))
 
 # Triton reads TRITON_INTERPRET when it is imported: without CUDA, kernels run in its interpreter.
 try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +106,24 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def _check_readable(path: Path) -> None:
+    """Not found, not a file, and unreadable by this process are three different errors."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise BackboneError(f"backbone weights file not found: {path}") from None
+    except PermissionError:
+        raise BackboneError(f"backbone weights {path}: permission denied: uid {os.geteuid()} cannot reach it "
+                            "(a parent directory is not searchable)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BackboneError(f"backbone weights {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise BackboneError(f"backbone weights {path}: permission denied: uid {os.geteuid()} cannot read it "
+                            f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})")
+
+
 def _load_weights(model: VisionTransformer, path: Path) -> None:
-    if not path.is_file():
-        raise BackboneError(f"backbone weights file not found: {path}")
+    _check_readable(path)
     if path.suffix.lower() == ".npz":  # the original JAX checkpoints, through timm's own loader
         model.load_pretrained(str(path))
         return

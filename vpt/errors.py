@@ -24,3 +24,28 @@ class TaskFileError(VPTError):
 
 class TaskSpecError(VPTError, ValueError):
     """A task specification is invalid (unknown method, bad prompt count, no classes...)."""
+
+
+class TrainingError(VPTError):
+    """Training could not produce a task. `code` names why."""
+
+    code = "training_failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class TrainOptionsError(TrainingError, ValueError):
+    """A training option is out of range or of the wrong type; `field` names it."""
+
+    code = "invalid_parameter"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

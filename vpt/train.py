@@ -24,43 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.backbone import Backbone
 from vpt.engine import forward_logits, training_table
-from vpt.errors import VPTError
+from vpt.errors import TrainingError, TrainOptionsError
 from vpt.metrics import accuracy
-from vpt.task import MAX_PROMPTS, METHODS, TaskParams, TaskSpec
-from vpt.transforms import AUGMENTATIONS
+from vpt.options import KEEP, LR_REFERENCE_BATCH, MIXED_PRECISION, SWEEPS, TrainOptions  # noqa: F401
+from vpt.task import TaskParams
 
 log = logging.getLogger(__name__)
 
-SWEEPS = ("none", "small", "paper")
-MIXED_PRECISION = ("auto", "bf16", "off")
-KEEP = ("best", "last")
 MOMENTUM = 0.9
-LR_REFERENCE_BATCH = 256  # lr = base_lr * batch_size / 256 (vpt-spec §4.2)
-
-
-class TrainingError(VPTError):
-    """Training could not produce a task. `code` names why."""
-
-    code = "training_failed"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-class TrainOptionsError(TrainingError, ValueError):
-    """A training option is out of range or of the wrong type."""
-
-    code = "invalid_parameter"
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class TrainingCancelled(TrainingError):
@@ -73,109 +44,6 @@ class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite (the official code aborts too, vpt-spec §4.4)."""
 
     code = "training_diverged"
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise TrainOptionsError(f"{name}: {message}", field=name)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """How to train a task. Defaults follow the paper's prompt recipe (vpt-spec §4).
-
-    `prompt_dropout` None means 0.1 for vpt-deep and 0.0 for vpt-shallow (the demo's values);
-    `warmup_epochs` None means 10% of the epochs (the paper's 10 of 100); `keep` picks the
-    parameters returned: the best epoch by validation accuracy, or the last one.
-    """
-
-    method: str = "vpt-deep"
-    num_prompts: int = 10
-    epochs: int = 100
-    batch_size: int = 64
-    base_lr: float = 1.0
-    weight_decay: float = 1e-3
-    warmup_epochs: int | None = None
-    prompt_dropout: float | None = None
-    augmentation: str = "fgvc"
-    sweep: str = "none"
-    seed: int = 0
-    val_fraction: float = 0.1
-    keep: str = "best"
-    mixed_precision: str = "auto"
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("method", METHODS), ("augmentation", AUGMENTATIONS), ("sweep", SWEEPS),
-                              ("keep", KEEP), ("mixed_precision", MIXED_PRECISION)):
-            _check(getattr(self, name) in allowed, name, f"must be one of {list(allowed)}, "
-                   f"got {getattr(self, name)!r}")
-        _check(_is_int(self.num_prompts) and 1 <= self.num_prompts <= MAX_PROMPTS, "num_prompts",
-               f"must be an integer in 1..{MAX_PROMPTS}, got {self.num_prompts!r}")
-        _check(_is_int(self.epochs) and 1 <= self.epochs <= 10_000, "epochs",
-               f"must be an integer in 1..10000, got {self.epochs!r}")
-        _check(_is_int(self.batch_size) and 1 <= self.batch_size <= 65_536, "batch_size",
-               f"must be an integer in 1..65536, got {self.batch_size!r}")
-        _check(_is_num(self.base_lr) and 0 < self.base_lr <= 1e4, "base_lr",
-               f"must be a number in (0, 10000], got {self.base_lr!r}")
-        _check(_is_num(self.weight_decay) and 0 <= self.weight_decay <= 1.0, "weight_decay",
-               f"must be a number in [0, 1], got {self.weight_decay!r}")
-        w = self.warmup_epochs
-        _check(w is None or (_is_int(w) and 0 <= w <= self.epochs), "warmup_epochs",
-               f"must be an integer in 0..epochs ({self.epochs}) or null, got {w!r}")
-        d = self.prompt_dropout
-        _check(d is None or (_is_num(d) and 0 <= d < 1), "prompt_dropout", f"must be in [0, 1) or null, got {d!r}")
-        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", f"must be a non-negative integer, got {self.seed!r}")
-        _check(_is_num(self.val_fraction) and 0 <= self.val_fraction < 1, "val_fraction",
-               f"must be in [0, 1), got {self.val_fraction!r}")
-        _check(_is_int(self.num_workers) and 0 <= self.num_workers <= 64, "num_workers",
-               f"must be an integer in 0..64, got {self.num_workers!r}")
-
-    @property
-    def lr(self) -> float:
-        """The learning rate SGD uses: base_lr scaled linearly by batch_size / 256."""
-        return self.base_lr * self.batch_size / LR_REFERENCE_BATCH
-
-    @property
-    def resolved_warmup_epochs(self) -> int:
-        return self.warmup_epochs if self.warmup_epochs is not None else round(self.epochs / 10)
-
-    @property
-    def resolved_prompt_dropout(self) -> float:
-        if self.method == "linear":
-            return 0.0
-        if self.prompt_dropout is not None:
-            return float(self.prompt_dropout)
-        return 0.1 if self.method == "vpt-deep" else 0.0
-
-    def spec(self, classes: Sequence[str]) -> TaskSpec:
-        prompts = 0 if self.method == "linear" else self.num_prompts
-        return TaskSpec(self.method, prompts, tuple(classes), self.resolved_prompt_dropout)
-
-    def replace(self, **changes: Any) -> TrainOptions:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainOptions:
-        """Options from JSON; unknown keys are refused, missing keys take their defaults."""
-        if not isinstance(data, dict):
-            raise TrainOptionsError(f"options must be an object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainOptionsError(f"unknown training options {unknown}; known: {sorted(known)}", field=unknown[0])
-        return cls(**data)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 from vpt_client._async_client import AsyncClient, AsyncJobHandle
-from vpt_client._calls import TrainOptions
 from vpt_client._client import Client, JobHandle
 from vpt_client._constants import __version__
+from vpt_client._train_options import TrainOptions
 from vpt_client.errors import (
     APIConnectionError,
     APIError,

@@ -17,6 +17,7 @@ from vpt_client._base_client import BaseClient, Call, ClientOptions, TimeoutType
 from vpt_client._constants import DEFAULT_POLL_INTERVAL
 from vpt_client._files import ImageInput, ProgressCallback, encode_images, prepare_dataset, read_task_file
 from vpt_client._sse import SSEDecoder
+from vpt_client._train_options import TrainOptions
 from vpt_client.errors import APIConnectionError, JobFailedError, WaitTimeoutError
 from vpt_client.models import Backbone, Health, Job, Prediction, Readiness, Task, Version
 
@@ -84,7 +85,7 @@ class AsyncClient(BaseClient):
         *,
         on_upload: ProgressCallback | None = None,
         timeout: TimeoutTypes | None = None,
-        **options: Unpack[calls.TrainOptions],
+        **options: Unpack[TrainOptions],
     ) -> AsyncJobHandle:
         """See `Client.train`; a directory is zipped in a worker thread."""
         fields = calls.train_fields(options)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -13,29 +13,9 @@ from vpt_client._constants import STREAM_TIMEOUT, UPLOAD_TIMEOUT
 from vpt_client._files import FilePart, ProgressReader
 from vpt_client._retry import Retry
 from vpt_client._sse import ServerSentEvent
+from vpt_client._train_options import FIELDS
 from vpt_client.errors import InvalidInputError
 from vpt_client.models import Backbone, Health, Job, Prediction, Readiness, Task, Version
-
-
-class TrainOptions(TypedDict, total=False):
-    """Training options, sent as form fields; the server fills in what is left out."""
-
-    method: str  # "linear", "vpt-shallow" or "vpt-deep"
-    num_prompts: int
-    epochs: int
-    batch_size: int
-    base_lr: float
-    weight_decay: float
-    prompt_dropout: float
-    sweep: str  # "none", "small" or "paper"
-    seed: int
-    val_fraction: float
-    warmup_epochs: int
-    augmentation: str
-    keep: str  # "best" (by validation accuracy) or "last"
-    mixed_precision: str
-    num_workers: int
-
 
 END = object()  # job_from_event's answer to `event: end`
 
@@ -153,10 +133,9 @@ def train(
 
 def train_fields(options: Mapping[str, Any]) -> dict[str, str]:
     """Training options as form fields: None left out, booleans as true/false, containers as JSON."""
-    unknown = sorted(set(options) - set(TrainOptions.__annotations__))
+    unknown = sorted(set(options) - set(FIELDS))
     if unknown:
-        raise InvalidInputError(f"unknown training option(s) {', '.join(unknown)}; known: "
-                                + ", ".join(TrainOptions.__annotations__))
+        raise InvalidInputError(f"unknown training option(s) {', '.join(unknown)}; known: " + ", ".join(FIELDS))
     fields: dict[str, str] = {}
     for name, value in options.items():
         if value is None:

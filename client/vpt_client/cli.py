@@ -15,6 +15,7 @@ from typing import Any
 from vpt_client import _cli_format as fmt
 from vpt_client._client import Client, JobHandle
 from vpt_client._constants import DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL, __version__
+from vpt_client._train_options import FIELDS
 from vpt_client.errors import APIConnectionError, JobFailedError, VPTError
 from vpt_client.models import Job
 
@@ -30,10 +31,7 @@ def _emit(args: argparse.Namespace, value: Any, text: Callable[[], str]) -> None
 
 
 def cmd_train(client: Client, args: argparse.Namespace) -> int:
-    options = {"method": args.method, "num_prompts": args.prompts, "epochs": args.epochs,
-               "batch_size": args.batch_size, "base_lr": args.lr, "weight_decay": args.weight_decay,
-               "prompt_dropout": args.prompt_dropout, "sweep": args.sweep, "seed": args.seed,
-               "val_fraction": args.val_fraction, "warmup_epochs": args.warmup_epochs}
+    options = {name: getattr(args, name) for name in FIELDS}
     upload = fmt.UploadProgress(sys.stderr, Path(args.dataset).name, enabled=not args.json)
     handle = client.train(args.task, args.dataset, on_upload=upload, **options)
     upload.finish()
@@ -237,20 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset, then one flag per training option of the server's schema (`_train_options.FIELDS`)."""
     p.add_argument("task")
     p.add_argument("dataset", metavar="DIR_OR_ARCHIVE")
-    p.add_argument("--method", choices=("linear", "vpt-shallow", "vpt-deep"), help="default: the server's")
-    p.add_argument("--prompts", type=int, help="prompt tokens per layer (num_prompts)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="base learning rate (base_lr)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--prompt-dropout", type=float)
-    p.add_argument("--sweep", choices=("none", "small", "paper"), help="learning-rate/weight-decay sweep")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-fraction", type=float)
-    p.add_argument("--warmup-epochs", type=int)
+    g = p.add_argument_group("training options (left out: the server's defaults, shown)")
+    for name, prop in FIELDS.items():
+        default = f" (default {prop['default']})" if "default" in prop else ""
+        kind = prop.get("type", "string")
+        g.add_argument(f"--{prop['x-flag'].replace('_', '-')}", dest=name, choices=prop.get("enum"),
+                       type=_FLAG_TYPES.get(kind, str), metavar=None if "enum" in prop else kind.upper(),
+                       help=f"{prop.get('description', name)}{default}".replace("%", "%%"))
     p.add_argument("--no-wait", action="store_true", help="print the job and return at once")
 
 

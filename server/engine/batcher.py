@@ -23,6 +23,7 @@ from prompt_store.bank import Lease, PromptBank
 from server.errors import ApiError, busy
 from vpt.backbone import Backbone
 from vpt.engine import forward_grouped
+from vpt.preprocess import Preprocessor
 from vpt.priority import PriorityGate
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,14 @@ class Outcome:
     batch_images: int
 
 
+Inputs = Tensor | list[Tensor]     # preprocessed float (n, 3, H, W), or decoded uint8 (H, W, 3) images
+
+
 @dataclass
 class _Request:
     tenant: str
     task_id: str
-    images: Tensor                 # (n, 3, H, W)
+    images: Inputs
     top_k: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -58,14 +62,17 @@ class _Request:
 
     @property
     def n(self) -> int:
-        return self.images.shape[0]
+        return len(self.images) if isinstance(self.images, list) else self.images.shape[0]
 
 
 class Batcher:
     def __init__(self, backbone: Backbone, bank: PromptBank, *, max_batch_size: int, max_wait_ms: float,
-                 queue_limit: int, metrics: Any = None, gate: PriorityGate | None = None) -> None:
+                 queue_limit: int, metrics: Any = None, gate: PriorityGate | None = None,
+                 pin_memory: bool = False) -> None:
         self.backbone, self.bank, self.metrics = backbone, bank, metrics
         self.gate = gate or PriorityGate()  # serving first when training shares the device
+        self.preprocess = Preprocessor(backbone.data_config)
+        self.pin_memory = pin_memory and torch.device(backbone.device).type == "cuda"
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
         self.queue_limit = queue_limit
         self._q: queue.Queue[_Request] = queue.Queue()
@@ -84,12 +91,19 @@ class Batcher:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def queued_images(self) -> int:
         return self._queued_images
 
-    async def predict(self, tenant: str, task_id: str, images: Tensor, top_k: int) -> Outcome:
-        """Queue the images for the next batch and wait for their answer (503 when the queue is full)."""
-        n = images.shape[0]
+    async def predict(self, tenant: str, task_id: str, images: Inputs, top_k: int) -> Outcome:
+        """Queue the images for the next batch and wait for their answer (503 when the queue is full).
+
+        `images`: uint8 (H, W, 3) images of any sizes (preprocessed here, on the device, with the
+        backbone's eval transform) or an already preprocessed float (n, 3, H, W) tensor."""
+        n = len(images) if isinstance(images, list) else images.shape[0]
         with self._count_lock:
             if self._queued_images + n > self.queue_limit:
                 raise busy(f"the prediction queue is full ({self._queued_images} images waiting)")
@@ -187,7 +201,7 @@ class Batcher:
     def _forward(self, batch: list[_Request], ok: list[int], lease: Lease) -> None:
         bb = self.backbone
         t0 = time.perf_counter()
-        images = torch.cat([batch[i].images for i in ok]).to(bb.device, bb.dtype, non_blocking=True)  # (B, 3, H, W)
+        images = self._inputs([batch[i].images for i in ok])                                            # (B, 3, H, W)
         slot = lease.slot_ids([i for i in ok for _ in range(batch[i].n)])                             # (B,)
         p: list[Tensor] = [torch.empty(0)] * len(slot)                                                 # per sample (C,)
         with torch.inference_mode():
@@ -210,6 +224,20 @@ class Batcher:
             row += req.n
             queue_ms = (t0 - req.enqueued) * 1000
             self._resolve(req, Outcome(task.key.version, results, queue_ms, forward_ms, images.shape[0]))
+
+    def _inputs(self, parts: list[Inputs]) -> Tensor:
+        """The batch on the device: decoded images preprocessed together, preprocessed ones as they are."""
+        bb = self.backbone
+        raw = [img for p in parts if isinstance(p, list) for img in p]
+        pre = self.preprocess(raw, bb.device, bb.dtype, pin=self.pin_memory) if raw else None  # (m, 3, H, W)
+        out, j = [], 0
+        for p in parts:
+            if isinstance(p, list):
+                out.append(pre[j:j + len(p)])
+                j += len(p)
+            else:
+                out.append(p.to(bb.device, bb.dtype, non_blocking=True))
+        return out[0] if len(out) == 1 else torch.cat(out)                                    # (B, 3, H, W)
 
 
 __all__ = ["ApiError", "Batcher", "Outcome", "TopK"]

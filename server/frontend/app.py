@@ -1,6 +1,7 @@
 """The FastAPI app: factory, lifespan (the backbone loads once), request context middleware."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.console import routes as console
 from server.errors import install_handlers, is_oip_path, oip_error_body
 from server.frontend.routes import jobs, oip, predict, system, tasks
+from server.frontend.state import FrontendState
 from server.settings import Settings
 from server.state import AppState
 
@@ -26,6 +28,15 @@ access = logging.getLogger("vpt.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict:
+    """The next body message, or 408 when the client stalls (idle) or the body takes too long."""
+    wait = min(idle_s, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(receive(), timeout=max(0.0, wait))
+    except TimeoutError:
+        raise StarletteHTTPException(408, "the request body arrived too slowly") from None
 
 
 class RequestContext:
@@ -77,12 +88,16 @@ class RequestContext:
         if declared > limit:
             await self._reject(send, rid, limit, scope["path"])
         else:
-            seen = {"n": 0}
+            seen = {"n": 0, "done": False}
+            deadline = time.monotonic() + self.settings.body_timeout_s
 
             async def counted_receive() -> dict:
-                message = await receive()
+                if seen["done"]:  # the body is in: what follows is a wait for the disconnect
+                    return await receive()
+                message = await _body_chunk(receive, deadline, self.settings.body_idle_timeout_s)
                 if message["type"] == "http.request":
                     seen["n"] += len(message.get("body", b""))
+                    seen["done"] = not message.get("more_body", False)
                     if seen["n"] > limit:
                         raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
                 return message
@@ -110,21 +125,30 @@ class RequestContext:
             state.metrics.latency.labels(template, method).observe(seconds)
 
 
-def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
-    """The app; its lifespan loads the backbone and opens the store unless `state` is given."""
+def create_app(settings: Settings | None = None, state: AppState | None = None,
+               frontend: FrontendState | None = None) -> FastAPI:
+    """The app. Single process: its lifespan loads the backbone and opens the store unless `state` is
+    given. Front-end process: `frontend` connects to the engine process at startup."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = state is None
-        app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
-        log.info("ready: backbone %s on %s, store %s", app.state.vpt.backbone.name, app.state.vpt.backbone.device,
-                 settings.store)
+        owned = state is None and frontend is None
+        if frontend is not None:
+            await frontend.start()
+            app.state.vpt = frontend
+        else:
+            app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
+        facts = app.state.vpt.backbone.describe()
+        log.info("ready: backbone %s on %s, store %s", facts["name"], facts["device"], settings.store_redacted)
         try:
             yield
         finally:
             if owned:
                 await run_in_threadpool(app.state.vpt.close)
+            if frontend is not None:
+                await frontend.client.close()
+                frontend.close()
             app.state.vpt = None
 
     app = FastAPI(title="vpt-serve", version="0.1.0", lifespan=lifespan,

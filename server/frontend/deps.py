@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.frontend.auth import DEFAULT_TENANT
 from server.errors import ApiError
+from server.frontend.auth import DEFAULT_TENANT
 from server.state import AppState
 
 
@@ -21,7 +21,7 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -46,7 +46,7 @@ def get_tenant(request: Request, state: State) -> str:
         if not state.settings.allow_unauthenticated and not is_loopback(client):
             raise ApiError(403, "forbidden", "this server has no API keys and only answers loopback callers")
         return DEFAULT_TENANT
-    key = _presented_key(request)
+    key = presented_key(request)
     if key is None:
         raise ApiError(401, "unauthorized", "an API key is required: 'Authorization: Bearer <key>'",
                        headers={"WWW-Authenticate": "Bearer"})

@@ -169,3 +169,22 @@ def test_console_script_runs(server: FakeServer) -> None:
                           check=False)
     assert done.returncode == 0 and json.loads(done.stdout)["name"] == samples.BACKBONE["name"]
     assert server.calls("GET", "/backbone")[0].headers["authorization"] == "Bearer k-env"
+
+
+def test_train_has_a_flag_for_every_server_option(server: FakeServer, capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    from vpt_client._train_options import FIELDS
+
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "x.png").write_bytes(b"\x89PNG")
+    server.on("POST", "/tasks/digits/train", reply(202, samples.job("queued", epoch=None)))
+    values = {name: prop["enum"][-1] if "enum" in prop else {"integer": "3", "number": "0.5"}.get(prop["type"], "x")
+              for name, prop in FIELDS.items()}
+    argv = ["train", "digits", str(tmp_path), "--no-wait"]
+    for name, value in values.items():
+        argv += [f"--{FIELDS[name]['x-flag'].replace('_', '-')}", value]
+    code, _, err = run(server, capsys, *argv)
+    assert code == 0, err
+    assert server.requests[0].form == values
+    for flag in ("--augmentation", "--keep", "--mixed-precision", "--workers", "--warmup-epochs"):
+        assert flag in argv

@@ -77,3 +77,30 @@ def claim_and_die(url: str, options: dict, worker: str) -> str:
     if claim is None:
         os._exit(3)
     os._exit(0)
+
+
+def submit_jobs(url: str, options: dict, tenant: str, job_ids: list[str]) -> list[str]:
+    """A front-end process: create queued job records (the local store's records are the queue)."""
+    from prompt_store import JobRecord, open_queue
+
+    store = open_store(url, **options)
+    try:
+        queue = open_queue(store)
+        return [queue.submit(JobRecord.new(tenant, "task", job_id=j)).job_id for j in job_ids]
+    finally:
+        store.close()
+
+
+def claim_all(url: str, options: dict, worker: str, idle_s: float) -> list[tuple[str, int]]:
+    """A worker process: claim jobs until none came for `idle_s`; (job id, token) of each claim."""
+    from prompt_store import open_queue
+
+    store = open_store(url, **options)
+    try:
+        queue = open_queue(store)
+        out = []
+        while (claim := queue.claim(worker, timeout_s=idle_s)) is not None:
+            out.append((claim.job_id, claim.token))
+        return out
+    finally:
+        store.close()

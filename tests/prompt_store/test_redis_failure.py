@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from prompt_store import ChangeEvent, RedisJobQueue, RedisStore, StoreUnavailable
+from prompt_store import ChangeEvent, JobRecord, RedisJobQueue, RedisStore, StoreUnavailable
 from tests.fixtures.redis_server import RedisServer
 from tests.prompt_store._procs import blob_for
 
@@ -76,8 +76,8 @@ def test_kill_gives_typed_errors_and_keeps_every_acknowledged_version(private_re
 def test_queue_entries_survive_a_crash(private_redis: RedisServer) -> None:
     store = RedisStore(private_redis.url, prefix="qcrash", socket_timeout=1.0, connect_timeout=0.5, retries=1)
     queue = RedisJobQueue(store)
-    queue.enqueue("t1", "job-a")
-    queue.enqueue("t1", "job-b")
+    queue.submit(JobRecord.new("t1", "task", job_id="job-a", now=1.0))
+    queue.submit(JobRecord.new("t1", "task", job_id="job-b", now=2.0))
     held = queue.claim("w1", timeout_s=1)
     private_redis.kill()
     with pytest.raises(StoreUnavailable):

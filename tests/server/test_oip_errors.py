@@ -225,3 +225,12 @@ def test_health_routes_need_no_key(oip_server: OipServer) -> None:
     assert httpx.get(base + "/v2/health/live").json() == {"live": True}
     assert httpx.get(base + "/v2/health/ready").json() == {"ready": True}
     assert httpx.get(base + "/v2").json()["name"] == "vpt-serve"
+
+
+def test_timeout_is_504(start_server) -> None:
+    """The batcher waits 200 ms for a batch to fill; the request gives up after 1 ms."""
+    srv = start_server(env={"VPT_REQUEST_TIMEOUT_S": "0.001", "VPT_MAX_WAIT_MS": "200", "VPT_WORKERS": "0"})
+    with httpx.Client(base_url=srv.base_url, timeout=60) as c:
+        assert c.get("/v2/health/ready").status_code == 200
+        r = c.post("/v2/models/anything/infer", content=json.dumps(fp32()).encode())
+    assert_protocol_error(r, 504, "no answer within")

@@ -1,16 +1,22 @@
 """Backbone loading, fingerprints, data config, and refusal of unsupported architectures."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME, save_tiny_vit
 from vpt.backbone import Backbone, fingerprint_state_dict, load_backbone
 from vpt.errors import BackboneError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_backbone_facts(tiny_backbone: Backbone) -> None:
@@ -58,6 +64,40 @@ def test_bad_checkpoints_are_typed_errors(tmp_path) -> None:
     torch.save(timm.create_model(TINY_NAME, pretrained=False, **{**TINY_KWARGS, "depth": 2}).state_dict(), other)
     with pytest.raises(BackboneError, match="does not fit"):
         load_backbone(TINY_NAME, weights=other, model_kwargs=TINY_KWARGS)
+
+
+def test_unreadable_weights_say_permission_denied_and_uid() -> None:
+    """A checkpoint this process may not read (file mode, or a closed directory above it) is not "not found".
+
+    Root reads everything, so as root the check runs without the capabilities that bypass file modes."""
+    shared = Path(tempfile.mkdtemp(prefix="vpt-perm-"))
+    try:
+        shared.chmod(0o755)
+        unreadable = save_tiny_vit(shared / "w.safetensors")
+        unreadable.chmod(0o000)
+        closed = shared / "closed"
+        closed.mkdir()
+        shutil.copy(unreadable, closed / "w.safetensors")
+        closed.chmod(0o000)
+        code = ("import os, sys; from vpt.backbone import load_backbone; from vpt.errors import BackboneError\n"
+                "for path in sys.argv[1:]:\n"
+                "    try:\n"
+                f"        load_backbone({TINY_NAME!r}, weights=path, model_kwargs={TINY_KWARGS!r})\n"
+                "        print('loaded')\n"
+                "    except BackboneError as e:\n"
+                "        print(e)\n"
+                "print(os.geteuid())\n")
+        unprivileged = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+        done = subprocess.run([*unprivileged, sys.executable, "-c", code, str(unreadable), str(closed / "w.safetensors")],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+        assert done.returncode == 0, done.stderr
+        file_msg, dir_msg, uid = done.stdout.strip().splitlines()[-3:]
+        assert f"permission denied: uid {uid} cannot read it" in file_msg and "mode ----------" in file_msg
+        assert f"permission denied: uid {uid} cannot reach it" in dir_msg
+        assert "not found" not in file_msg + dir_msg
+    finally:
+        (shared / "closed").chmod(0o755)
+        shutil.rmtree(shared)
 
 
 @pytest.mark.parametrize("name,kwargs,match", [

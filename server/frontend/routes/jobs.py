@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,17 +16,14 @@ from starlette.datastructures import UploadFile
 
 from prompt_store.ids import validate_id
 from prompt_store.records import JOB_STATES, TERMINAL_STATES
-from server.frontend.deps import State, Tenant
 from server.errors import ApiError
+from server.frontend.deps import State, Tenant
 from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
-from vpt.train import TrainOptions, TrainOptionsError
+from vpt.errors import TrainOptionsError
+from vpt.options import TrainOptions, form_schema, from_form
 
 router = APIRouter(tags=["jobs"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
 
-_INT = {"num_prompts", "epochs", "batch_size", "seed", "warmup_epochs", "num_workers"}
-_FLOAT = {"base_lr", "weight_decay", "prompt_dropout", "val_fraction"}
-_STR = {"method", "sweep", "augmentation", "keep", "mixed_precision"}
-_ALIASES = {"prompts": "num_prompts", "lr": "base_lr"}
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".tar")
 
 TRAIN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -34,42 +32,21 @@ TRAIN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
         "dataset": {"type": "string", "format": "binary",
                     "description": ".zip/.tar/.tar.gz: a folder per class (optional train/ and val/), "
                                    "or images plus manifest.csv / manifest.jsonl (file_name, label)"},
-        "method": {"type": "string", "enum": ["linear", "vpt-shallow", "vpt-deep"], "default": "vpt-deep"},
-        "num_prompts": {"type": "integer", "default": 10}, "epochs": {"type": "integer", "default": 100},
-        "batch_size": {"type": "integer", "default": 64}, "base_lr": {"type": "number", "default": 1.0},
-        "weight_decay": {"type": "number", "default": 0.001}, "prompt_dropout": {"type": "number"},
-        "sweep": {"type": "string", "enum": ["none", "small", "paper"], "default": "none"},
-        "seed": {"type": "integer", "default": 0}, "val_fraction": {"type": "number", "default": 0.1},
+        **form_schema(),
     }}}}}}
 
 
-def parse_options(fields: dict[str, str], max_prompts: int = 1024, max_workers: int = 64) -> TrainOptions:
-    """Form fields -> validated TrainOptions; unknown or malformed fields are 400 `invalid_parameter`."""
-    opts: dict[str, Any] = {}
-    for raw_name, value in fields.items():
-        name = _ALIASES.get(raw_name, raw_name)
-        value = value.strip()
-        try:
-            if name in _INT:
-                opts[name] = int(value)
-            elif name in _FLOAT:
-                opts[name] = float(value)
-            elif name in _STR:
-                opts[name] = value
-            else:
-                raise ApiError(400, "invalid_parameter", f"unknown training option {raw_name!r}")
-        except ValueError as e:
-            raise ApiError(400, "invalid_parameter", f"option {raw_name!r}: {value[:40]!r} is not a number") from e
-    if opts.get("num_prompts", 0) > max_prompts:
-        raise ApiError(400, "invalid_parameter", f"num_prompts must be at most {max_prompts} on this server",
-                       details={"field": "num_prompts"})
-    if opts.get("num_workers", 0) > max_workers:
-        raise ApiError(400, "invalid_parameter", f"num_workers must be at most {max_workers} on this server",
-                       details={"field": "num_workers"})
+def parse_options(fields: list[tuple[str, str]], max_prompts: int = 1024, max_workers: int = 64) -> TrainOptions:
+    """Form fields -> validated TrainOptions; unknown, repeated or malformed fields are 400 `invalid_parameter`."""
     try:
-        return TrainOptions(**opts)
+        options = from_form(fields)
     except TrainOptionsError as e:
         raise ApiError(400, "invalid_parameter", e.message, details={"field": e.field}) from e
+    for name, cap in (("num_prompts", max_prompts), ("num_workers", max_workers)):
+        if getattr(options, name) > cap and not (name == "num_prompts" and options.method == "linear"):
+            raise ApiError(400, "invalid_parameter", f"{name} must be at most {cap} on this server",
+                           details={"field": name})
+    return options
 
 
 def _suffix(filename: str | None) -> str:
@@ -78,13 +55,20 @@ def _suffix(filename: str | None) -> str:
 
 
 def _spool(upload: UploadFile, directory: Path) -> Path:
-    """Copy the parsed upload to a file of ours, chunk by chunk."""
+    """Copy the parsed upload to a file of ours, chunk by chunk; nothing is left behind on failure
+    (a full disk is answered 507 by the error handlers)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=False) as out:
-        upload.file.seek(0)
-        while chunk := upload.file.read(1 << 20):
-            out.write(chunk)
-    return Path(out.name)
+    fd, name = tempfile.mkstemp(dir=directory, prefix="upload-")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            upload.file.seek(0)
+            while chunk := upload.file.read(1 << 20):
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @router.post("/tasks/{task_id}/train", status_code=202, response_model=JobOut, openapi_extra=TRAIN_BODY,
@@ -98,7 +82,7 @@ async def train(task_id: str, request: Request, state: State, tenant: Tenant) ->
         dataset = form.get("dataset")
         if not isinstance(dataset, UploadFile):
             raise ApiError(400, "bad_request", "the multipart field 'dataset' must be a file")
-        fields = {k: v for k, v in form.multi_items() if k != "dataset" and isinstance(v, str)}
+        fields = [(k, v) for k, v in form.multi_items() if k != "dataset" and isinstance(v, str)]
         options = parse_options(fields, state.settings.max_task_prompts, state.settings.max_train_workers)
         tmp = await run_in_threadpool(_spool, dataset, state.jobs.uploads_dir / "incoming")
         suffix = _suffix(dataset.filename)
@@ -133,19 +117,30 @@ def cancel_job(job_id: str, state: State, tenant: Tenant) -> JobOut:
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "progress events"}})
 async def job_events(job_id: str, request: Request, state: State, tenant: Tenant) -> StreamingResponse:
-    """Server-sent events: `progress` with the job whenever it changes, then `end` once it is terminal."""
+    """Server-sent events: `progress` with the job whenever it changes, then `end` once it is terminal;
+    a `: keep-alive` comment every `VPT_SSE_KEEPALIVE_S` while nothing changes, and `timeout` (then the
+    stream closes) after `VPT_SSE_MAX_S`."""
     validate_id(job_id, "job id")
     first = await run_in_threadpool(state.store.get_job, tenant, job_id)  # 404 before the stream starts
 
+    settings = state.settings
+
     async def stream() -> AsyncIterator[bytes]:
         job, last = first, None
+        start = quiet_since = time.monotonic()
         while True:
             if job.updated_at != last:
-                last = job.updated_at
+                last, quiet_since = job.updated_at, time.monotonic()
                 yield f"event: progress\ndata: {json.dumps(job_out(job).model_dump())}\n\n".encode()
             if job.state in TERMINAL_STATES:
                 yield b"event: end\ndata: {}\n\n"
                 return
+            if time.monotonic() - start >= settings.sse_max_s:  # bounded: the client reconnects
+                yield b"event: timeout\ndata: {}\n\n"
+                return
+            if time.monotonic() - quiet_since >= settings.sse_keepalive_s:  # proxies keep the stream open
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
             await asyncio.sleep(0.5)
             if await request.is_disconnected():
                 return

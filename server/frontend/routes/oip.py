@@ -33,7 +33,6 @@ from server.frontend.routes.oip_tensors import (
     parse_request,
 )
 from server.frontend.routes.predict import classify
-from server.frontend.routes.system import readiness
 from server.state import AppState
 
 router = APIRouter(tags=["open inference protocol"])
@@ -62,8 +61,8 @@ def live() -> dict:
 
 
 @router.get("/v2/health/ready")
-def ready(state: State) -> dict:
-    checks = readiness(state)
+async def ready(state: State) -> dict:
+    checks = await state.ready()
     failed = {k: v for k, v in checks.items() if v != "ok"}
     if failed:
         raise ApiError(503, "not_ready", f"not ready: {failed}", headers={"Retry-After": "2"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 from torch import Tensor
@@ -12,6 +13,7 @@ from prompt_store.ids import validate_id
 from server.engine.batcher import Outcome
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
+from server.frontend.forms import parse_form
 from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 from server.state import AppState
 
@@ -29,7 +31,9 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
         items = []
-        async with request.form(max_files=s.max_images_per_request + 1, max_fields=8) as form:
+        form = await parse_form(request, max_file_bytes=s.max_image_bytes, max_files=s.max_images_per_request + 1,
+                                max_fields=8)
+        try:
             parts = [v for k, v in form.multi_items() if k == "image"]
             if len(parts) > s.max_images_per_request:
                 raise ApiError(413, "payload_too_large",
@@ -42,6 +46,8 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
                     raise ApiError(413, "payload_too_large",
                                    f"image {part.filename!r} exceeds {s.max_image_bytes} bytes")
                 items.append((data, part.filename))
+        finally:
+            await form.close()
         if not items:
             raise ApiError(400, "bad_request", "send one or more multipart 'image' files")
         return items
@@ -61,16 +67,16 @@ async def _read_raw(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
-async def classify(state: AppState, tenant: str, task: str, images: Tensor, top_k: int) -> Outcome:
-    """The prediction entry point of every HTTP route: `images` (n, 3, H, W) join the next shared batch;
-    504 `timeout` past the request timeout, 503 `busy` when the queue is full."""
+async def classify(state: AppState, tenant: str, task: str, images: list[np.ndarray] | Tensor,
+                   top_k: int) -> Outcome:
+    """The prediction entry point of every HTTP route: decoded uint8 (H, W, 3) images or a preprocessed
+    (n, 3, H, W) batch join the next shared batch (in this process, or the engine process's over the
+    channel); 504 `timeout` past the request timeout, 503 `busy` when the queue is full."""
     try:
-        outcome = await asyncio.wait_for(state.batcher.predict(tenant, task, images, top_k),
-                                         timeout=state.settings.request_timeout_s)
+        return await asyncio.wait_for(state.predict(tenant, task, images, top_k),
+                                      timeout=state.settings.request_timeout_s)
     except TimeoutError as e:
         raise ApiError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s") from e
-    state.metrics.predictions.labels(tenant, task).inc(images.shape[0])
-    return outcome
 
 
 @router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,

@@ -8,9 +8,17 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from prompt_store.ids import validate_id
-from server.frontend.deps import State, Tenant
 from server.errors import ApiError
-from server.frontend.schemas import ErrorOut, TaskList, TaskOut, VersionList, VersionOut, task_out, version_out
+from server.frontend.deps import State, Tenant
+from server.frontend.schemas import (
+    ErrorOut,
+    TaskList,
+    TaskOut,
+    VersionList,
+    VersionOut,
+    task_out,
+    version_out,
+)
 from vpt.errors import TaskFileError
 from vpt.task import load_task_file, read_metadata
 

@@ -19,7 +19,7 @@ from tests.fixtures.digits import digit_png, make_digits_tree, make_digits_zip
 from tests.server.helpers import backbone_for, constant_task, wait_job
 
 if os.environ.get("CI"):  # CI installs both: a skip there would hide the console's tour
-    import playwright.sync_api as sync_api
+    from playwright import sync_api
 else:
     sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -80,9 +80,17 @@ def test_console_tour(browser, start_server, tmp_path: Path, tiny_vit_file: Path
 
 def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     api = httpx.Client(base_url=tab.base, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
-    folder = make_digits_tree(tmp_path / "digits", classes=range(4), per_class=PER_CLASS, layout="split",
-                              val_per_class=VAL_PER_CLASS, names=NAMES)
+    log_in(tab)
+    job_id = train_and_watch(tab, api, tmp_path)
+    task_page(tab, tmp_path)
+    bb = backbone_for(str(tiny_vit_file))
+    roll_back(tab, api, bb)
+    other_pages(tab, api, bb, job_id)
+    other_tenant(tab, job_id)
+    assert not [p for p in tab.problems if "Refused" in p or "page error" in p], tab.problems
 
+
+def log_in(tab: Tab) -> None:
     # log in: a wrong key shows the server's message; the right one lands on the (empty) task list
     tab.go("/tasks")
     tab.page.wait_for_selector("#api-key")
@@ -94,23 +102,17 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     assert "No tasks yet" in tab.text("main")
     assert tab.page.evaluate("document.cookie") == "" and ALICE not in tab.page.url
 
+
+def train_and_watch(tab: Tab, api: httpx.Client, tmp_path: Path) -> str:
+    folder = make_digits_tree(tmp_path / "digits", classes=range(4), per_class=PER_CLASS, layout="split",
+                              val_per_class=VAL_PER_CLASS, names=NAMES)
     # a long job of another task keeps the worker busy, so the console's job is seen queued, then live
     blocker = api.post("/tasks/blocker/train", files={"dataset": ("d.zip", make_digits_zip(
         tmp_path / "b.zip", classes=range(2), per_class=8).read_bytes())},
         data={"epochs": "10000", "batch_size": "1"}).json()  # 140,000 steps: it is cancelled long before
     wait_job(api, blocker["job_id"], lambda j: j["state"] == "running")
 
-    # train from the Train page: a folder, zipped in the browser; options from the server's schema
-    tab.go("/train")
-    tab.page.wait_for_selector("#opt-epochs")
-    assert tab.page.locator("#opt-method option").all_inner_texts()[:3] == ["linear", "vpt-shallow", "vpt-deep"]
-    tab.page.fill("#task-id", "digits")
-    tab.page.set_input_files("#dataset-folder", str(folder))
-    tab.page.wait_for_selector("#dataset-picked:text('files')")
-    tab.page.fill("#opt-epochs", "6")
-    tab.page.fill("#opt-batch_size", "16")
-    tab.page.fill("#opt-num_prompts", "4")
-    tab.shot("train")
+    fill_train_form(tab, folder)
     tab.page.click("#train-form button[type=submit]")
     tab.page.wait_for_url("**/console#/job/*")
     job_id = tab.page.url.rsplit("/", 1)[1]
@@ -126,7 +128,24 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     seen = tab.page.evaluate("window.seen")
     assert ["succeeded", "6 / 6"] in seen and any(s == "running" for s, _ in seen)  # updated live, no reload
     assert tab.text("#job-live") == "finished" and tab.page.url.endswith(job_id)
+    return job_id
 
+
+def fill_train_form(tab: Tab, folder: Path) -> None:
+    """The Train page: a folder, zipped in the browser; options from the server's schema."""
+    tab.go("/train")
+    tab.page.wait_for_selector("#opt-epochs")
+    assert tab.page.locator("#opt-method option").all_inner_texts()[:3] == ["linear", "vpt-shallow", "vpt-deep"]
+    tab.page.fill("#task-id", "digits")
+    tab.page.set_input_files("#dataset-folder", str(folder))
+    tab.page.wait_for_selector("#dataset-picked:text('files')")
+    tab.page.fill("#opt-epochs", "6")
+    tab.page.fill("#opt-batch_size", "16")
+    tab.page.fill("#opt-num_prompts", "4")
+    tab.shot("train")
+
+
+def task_page(tab: Tab, tmp_path: Path) -> None:
     # the task page: curves, confusion matrix and feature map, with the class names
     tab.page.click("#job-outcome a")
     tab.page.wait_for_selector("#feature-map svg")
@@ -150,8 +169,9 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     assert len(bars) == 4 and set(bars) == set(NAMES.values())
     tab.shot("task")
 
+
+def roll_back(tab: Tab, api: httpx.Client, bb) -> None:
     # roll back: a second version arrives, the console activates version 1 again after a confirmation
-    bb = backbone_for(str(tiny_vit_file))
     r = api.put("/tasks/digits/import", content=constant_task(bb, list(NAMES.values()), winner=3),
                 headers={"content-type": "application/octet-stream"})
     assert r.status_code == 201 and r.json()["current_version"] == 2
@@ -163,6 +183,8 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     tab.page.wait_for_selector("#task-status:has-text('Version 1 is now current')")
     assert api.get("/tasks/digits").json()["current_version"] == 1
 
+
+def other_pages(tab: Tab, api: httpx.Client, bb, job_id: str) -> None:
     # the other pages (the cancelled blocker published nothing; one more task to search among)
     r = api.put("/tasks/pets/import", content=constant_task(bb, ["cat", "dog"], winner=0),
                 headers={"content-type": "application/octet-stream"})
@@ -184,6 +206,8 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     assert tab.page.locator("#server-metrics figure.bars").count() == 1
     tab.shot("server")
 
+
+def other_tenant(tab: Tab, job_id: str) -> None:
     # another tenant sees none of it
     tab.page.click("#logout")
     tab.page.wait_for_selector("#api-key")
@@ -197,4 +221,43 @@ def tour(tab: Tab, tmp_path: Path, tiny_vit_file: Path) -> None:
     tab.go("/jobs")
     tab.page.wait_for_selector("#jobs-table")
     tab.page.wait_for_selector("text=No jobs yet.")
+
+
+@pytest.mark.slow
+def test_console_cancel_export_delete(browser, start_server, tmp_path: Path, tiny_vit_file: Path) -> None:
+    """Cancel a running job, export a version and delete a task from the console."""
+    shots = tmp_path / "screens"
+    shots.mkdir()
+    tab = Tab(browser, start_server(env={"VPT_API_KEYS": f"alice:{ALICE}"}).base_url, shots)
+    api = httpx.Client(base_url=tab.base, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+    job = api.post("/tasks/long/train", files={"dataset": ("d.zip", make_digits_zip(
+        tmp_path / "b.zip", classes=range(2), per_class=8).read_bytes())},
+        data={"epochs": "10000", "batch_size": "1"}).json()
+    bb = backbone_for(str(tiny_vit_file))
+    assert api.put("/tasks/pets/import", content=constant_task(bb, ["cat", "dog"], winner=0),
+                   headers={"content-type": "application/octet-stream"}).status_code == 201
+    tab.go("/tasks")
+    login(tab, ALICE)
+    tab.go(f"/job/{job['job_id']}")
+    tab.page.wait_for_selector("#job-state:has-text('running')", timeout=120_000)
+    tab.page.click("#job-cancel")
+    tab.page.click("dialog.confirm button[value=ok]")
+    tab.page.wait_for_selector("#job-outcome:has-text('cancelled')", timeout=120_000)
+    assert api.get(f"/jobs/{job['job_id']}").json()["state"] == "cancelled"
+
+    tab.go("/task/pets")
+    tab.page.wait_for_selector("#versions-table")
+    with tab.page.expect_download() as download:
+        tab.page.click("button:text('Export current')")
+    saved = tmp_path / "pets.safetensors"
+    download.value.save_as(saved)
+    assert download.value.suggested_filename == "pets-v1.safetensors"
+    assert saved.read_bytes() == api.get("/tasks/pets/export").content
+    tab.page.click("button:text('Delete task')")
+    tab.page.click("dialog.confirm button[value=cancel]")  # changing one's mind deletes nothing
+    assert api.get("/tasks/pets").status_code == 200
+    tab.page.click("button:text('Delete task')")
+    tab.page.click("dialog.confirm button[value=ok]")
+    tab.page.wait_for_selector("text=No tasks yet")
+    assert api.get("/tasks/pets").status_code == 404
     assert not [p for p in tab.problems if "Refused" in p or "page error" in p], tab.problems

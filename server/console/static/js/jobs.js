@@ -44,7 +44,11 @@ const FIELDS = [
   ["val_acc", "Val accuracy", (j, p) => fmtPct(p.val_acc)],
   ["images_per_s", "Images/s", (j, p) => fmtNum(p.images_per_s)],
   ["eta", "ETA", (j, p) => (TERMINAL.has(j.state) ? "–" : fmtDuration(p.eta_s))],
-  ["run", "Sweep run", (j, p) => (p.runs > 1 ? `${p.run} / ${p.runs} (base lr ${fmtNum(p.base_lr)}, wd ${fmtNum(p.weight_decay)})` : "–")],
+  ["run", "Sweep run / candidate", (j, p) => {
+    if (!(p.runs > 1)) return "–";
+    return p.method ? `${p.run} / ${p.runs}: method ${p.method}` // method=auto trains each candidate once
+      : `${p.run} / ${p.runs} (base lr ${fmtNum(p.base_lr)}, wd ${fmtNum(p.weight_decay)})`;
+  }],
 ];
 
 export async function jobPage(el, signal, id) {
@@ -58,8 +62,17 @@ export async function jobPage(el, signal, id) {
   const chartBox = h("div", { class: "chart-slot" });
   const losses = []; // (global step fraction, loss) seen live
 
+  const board = h("div", { class: "chart-slot-small" });
+  function drawBoard(rows) { // method=auto: the candidates finished so far
+    if (!Array.isArray(rows) || !rows.length) return;
+    const keys = Object.keys(rows[0]).filter((k) => typeof rows[0][k] !== "object");
+    board.replaceChildren(h("table", { class: "data compare", id: "job-leaderboard" }, h("caption", {}, "Candidates so far"),
+      h("thead", {}, h("tr", {}, keys.map((k) => h("th", { scope: "col" }, k.replace(/_/g, " "))))),
+      h("tbody", {}, rows.map((r) => h("tr", {}, keys.map((k) => h("td", {}, typeof r[k] === "number" ? fmtNum(r[k]) : String(r[k] ?? "–"))))))));
+  }
   function draw() {
     const p = job.progress || {};
+    drawBoard(p.leaderboard);
     for (const [k, , f] of FIELDS) cells[k].replaceChildren(f(job, p));
     bar.value = job.state === "succeeded" ? 1 : p.fraction || 0;
     pct.textContent = fmtPct(bar.value);
@@ -87,7 +100,7 @@ export async function jobPage(el, signal, id) {
     h("p", {}, "Task ", h("a", { href: `#/task/${enc(job.task_id)}` }, job.task_id), ` · created ${fmtTime(job.created_at)} · `, live),
     h("div", { class: "row" }, bar, pct),
     h("dl", { class: "facts", id: "job-facts" }, FIELDS.map(([k, label]) => [h("dt", {}, label), cells[k]])),
-    chartBox, outcome);
+    board, chartBox, outcome);
   draw();
   // follow the stream; reconnect if it closes before the job ends (keep-alive limits, proxies)
   while (!signal.aborted && !TERMINAL.has(job.state)) {

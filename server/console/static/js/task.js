@@ -89,7 +89,7 @@ function versionDetails(v) {
 
 function tryImage(id) {
   const out = h("div", { id: "prediction", class: "prediction", "aria-live": "polite" });
-  const input = h("input", { id: "try-file", type: "file", accept: "image/*", class: "sr-only" });
+  const input = h("input", { id: "try-file", type: "file", accept: "image/*", class: "sr-only", tabindex: "-1" });
   const zone = h("label", { for: "try-file", class: "dropzone", tabindex: "0" }, "Drop an image here, or press Enter to choose one");
   async function predict(file) {
     out.replaceChildren(h("p", {}, `Classifying ${file.name}…`));

@@ -29,7 +29,7 @@ async function loadTasks(signal) {
 
 export async function tasksPage(el, signal) {
   const [tasks, bb] = await Promise.all([loadTasks(signal), backbone()]);
-  for (const t of tasks) t.servable = t.backbone_fingerprint === bb.fingerprint;
+  for (const t of tasks) t.servable = t.servable ?? t.backbone_fingerprint === bb.fingerprint; // the server's word first
   let sortKey = "updated_at", desc = true, query = "";
   const tbody = h("tbody");
   const count = h("p", { class: "muted", "aria-live": "polite" });
@@ -50,7 +50,7 @@ export async function tasksPage(el, signal) {
       h("td", { class: "num" }, fmtPct(t.metrics?.val_accuracy)),
       h("td", { class: "num" }, fmtBytes(t.size_bytes)),
       h("td", {}, fmtTime(t.updated_at)),
-      h("td", {}, t.servable ? "yes" : h("span", { title: "trained on another backbone" }, "no")))));
+      h("td", {}, t.servable ? "yes" : h("span", { title: t.reason || "made for another backbone" }, `no (${t.reason || "backbone mismatch"})`)))));
     count.textContent = `${rows.length} of ${tasks.length} tasks`;
     headRow.replaceChildren(...COLUMNS.map(([key, label]) => h("th", { scope: "col", "aria-sort": key === sortKey ? (desc ? "descending" : "ascending") : "none" },
       h("button", { type: "button", class: "sort", onclick: () => { desc = key === sortKey ? !desc : false; sortKey = key; draw(); } },

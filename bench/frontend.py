@@ -1,0 +1,250 @@
+"""Front-end throughput: wrk against the single-process server and N front-end processes, vs the offline engine.
+
+    .venv/bin/python bench/frontend.py [--workers 0,1,2] [--seconds 20] [--connections 32] [--device cpu]
+
+Needs Debian's wrk (`apt-get install wrk`). Requests are single images: random crops of
+scikit-learn's `load_sample_images` resized to random sizes of 200-800 px, JPEG quality 90, each
+for a random one of `--tasks` vpt-deep tasks, all on a tiny ViT (random weights saved to a temp
+file so server and script share a fingerprint). Cases, one JSON line each, in this order:
+- `engine`: the offline engine, no HTTP: device preprocessing (vpt/preprocess.py) of already
+  decoded uint8 images plus the forward, at `--batch`;
+- `server` with `VPT_FRONTEND_WORKERS` = each of `--workers` (0 is the single-process server).
+Every process runs `--torch-threads` intra-op threads (default 1: on a small shared box, more
+threads per process spin against each other). CPU per image by role comes from /proc/<pid>/stat (utime + stime) of each process before and after
+the measured run. `decode_ms_per_img` is the CPU time of decoding the same JPEGs with the front
+end's decoder (draft mode included) in this script; `frontend_ms_excl_decode` is the front ends'
+CPU per image minus it. The load average is printed: other work on the machine skews everything.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.frontend.images import ImageDecoder
+from vpt.backbone import load_backbone
+from vpt.engine import forward_logits, stack_slots, task_slot_tensors
+from vpt.preprocess import Preprocessor
+from vpt.task import TaskParams, TaskSpec, save_task_file
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 0}
+CLK = os.sysconf("SC_CLK_TCK")
+
+LUA = """
+local bodies, tasks = {}, {}
+math.randomseed(%(seed)d)
+for i = 0, %(n_images)d - 1 do
+  local f = assert(io.open(string.format("%(dir)s/img%%03d.jpg", i), "rb"))
+  bodies[#bodies + 1] = f:read("*all")
+  f:close()
+end
+for i = 0, %(n_tasks)d - 1 do tasks[#tasks + 1] = "task" .. i end
+local headers = {["Content-Type"] = "image/jpeg"}
+request = function()
+  local body = bodies[math.random(#bodies)]
+  return wrk.format("POST", "/predict?top_k=1&task=" .. tasks[math.random(#tasks)], headers, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"status_errors\\": %%d, " ..
+    "\\"socket_errors\\": %%d, \\"p50_ms\\": %%.2f, \\"p99_ms\\": %%.2f}\\n", summary.requests, summary.duration,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write +
+    summary.errors.timeout, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def photos(n: int, seed: int) -> list[bytes]:
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    sources = [Image.fromarray(a) for a in load_sample_images().images]
+    out = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        cw, ch = int(rng.integers(120, src.width)), int(rng.integers(120, src.height))
+        x, y = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
+        size = (int(rng.integers(200, 801)), int(rng.integers(200, 801)))
+        buf = io.BytesIO()
+        src.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
+
+
+def roles(pid: int) -> dict[str, list[int]]:
+    """The server's processes by role: supervisor, engine, front ends (N=0: one `server`)."""
+    kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    out: dict[str, list[int]] = {"engine": [], "frontend": []}
+    for k in kids:
+        cmd = Path(f"/proc/{k}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        out["engine" if "server.engine.main" in cmd else "frontend"].append(k)
+    if not kids:
+        return {"server": [pid]}
+    return {"supervisor": [pid], **out}
+
+
+def engine_case(bb, tasks: list[TaskParams], images: list[bytes], batch: int, seconds: float) -> float:
+    """Offline img/s: device preprocessing of decoded images plus the forward, at `batch`."""
+    pre = Preprocessor(bb.data_config)
+    dec = ImageDecoder(10**9, pre.min_side)
+    decoded = [torch.from_numpy(dec.decode_one(b, "x").copy()) for b in images]
+    table = stack_slots(bb, [task_slot_tensors(bb, t) for t in tasks])
+    rng = np.random.default_rng(0)
+    done, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - t0 < seconds:
+            idx = rng.integers(0, len(decoded), batch)
+            x = pre([decoded[i] for i in idx], bb.device, bb.dtype)          # (B, 3, H, W)
+            slot = torch.as_tensor(rng.integers(0, len(tasks), batch))       # (B,)
+            forward_logits(bb, x, table, slot).softmax(-1).cpu()
+            done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def decode_ms(images: list[bytes], min_side: int, reps: int = 3) -> float:
+    dec = ImageDecoder(10**9, min_side)
+    t0 = time.process_time()
+    for _ in range(reps):
+        for b in images:
+            dec.decode_one(b, "x")
+    return (time.process_time() - t0) * 1000 / (reps * len(images))
+
+
+def start(args: argparse.Namespace, weights: Path, store: Path, workers: int) -> subprocess.Popen:
+    env = {**os.environ, "VPT_BACKBONE": "vit_tiny_patch16_224", "VPT_BACKBONE_WEIGHTS": str(weights),
+           "VPT_BACKBONE_KWARGS": json.dumps(TINY), "VPT_STORE": str(store), "VPT_PORT": str(args.port),
+           "VPT_WORKERS": "0", "VPT_MAX_BATCH_SIZE": str(args.batch), "VPT_MAX_WAIT_MS": str(args.wait_ms),
+           "VPT_QUEUE_LIMIT": "4096", "VPT_LOG_LEVEL": "warning", "VPT_REQUEST_TIMEOUT_S": "600",
+           "VPT_FRONTEND_WORKERS": str(workers), "VPT_DEVICE": args.device,
+           "OMP_NUM_THREADS": str(args.torch_threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env)
+    for _ in range(1200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{args.port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def wrk(args: argparse.Namespace, script: Path, seconds: float) -> dict:
+    out = subprocess.run(["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{max(1, round(seconds))}s",
+                          "--timeout", "60s", "-s", str(script), f"http://127.0.0.1:{args.port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("JSON "))[5:])
+
+
+def mean_batch(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    s = re.search(r"^vpt_batch_images_sum (\S+)", text, re.MULTILINE)
+    c = re.search(r"^vpt_batch_images_count (\S+)", text, re.MULTILINE)
+    return round(float(s.group(1)) / float(c.group(1)), 2) if s and c and float(c.group(1)) else 0.0
+
+
+def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Path, workers: int) -> dict:
+    proc = start(args, weights, store, workers)
+    try:
+        wrk(args, script, args.warmup)
+        procs = roles(proc.pid)
+        before = {r: sum(cpu_s(p) for p in ps) for r, ps in procs.items()}
+        res = wrk(args, script, args.seconds)
+        after = {r: sum(cpu_s(p) for p in ps) for r, ps in procs.items()}
+        res["mean_batch"] = mean_batch(args.port)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    ok = res["requests"] - res["status_errors"]
+    res["img_s"] = ok / (res["duration_us"] / 1e6)
+    res["cpu_ms_per_img"] = {r: round((after[r] - before[r]) * 1000 / max(ok, 1), 3) for r in after}
+    res["exit_code"] = proc.returncode
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", default="0,1,2", help="VPT_FRONTEND_WORKERS values to measure")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--warmup", type=float, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--wait-ms", type=float, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--port", type=int, default=18741)
+    ap.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per process (OMP_NUM_THREADS)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    bb = load_backbone("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, device=args.device)
+    tasks = [TaskParams.new(TaskSpec("vpt-deep", 10, tuple(f"c{i}" for i in range(10))), bb)
+             for _ in range(args.tasks)]
+    images = photos(args.images, seed=0)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    common = {"device": device, "model": "tiny ViT (d=64, 4 blocks, 32 px)", "tasks": args.tasks,
+              "torch_threads": args.torch_threads,
+              "connections": args.connections, "seconds": args.seconds}
+    engine = engine_case(bb, tasks, images, args.batch, min(args.seconds, 10))
+    dec = decode_ms(images, Preprocessor(bb.data_config).min_side)
+    print(json.dumps({"case": "engine", "img_s": round(engine, 1), "batch": args.batch,
+                      "decode_ms_per_img": round(dec, 3), "load_avg": os.getloadavg()[0], **common}), flush=True)
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "backbone.safetensors"
+        save_file({k: v.contiguous().cpu() for k, v in bb.model.state_dict().items()}, str(weights))
+        imgdir = Path(tmp) / "images"
+        imgdir.mkdir()
+        for i, b in enumerate(images):
+            (imgdir / f"img{i:03d}.jpg").write_bytes(b)
+        script = Path(tmp) / "predict.lua"
+        script.write_text(LUA % {"seed": 1, "n_images": len(images), "dir": imgdir, "n_tasks": args.tasks})
+        store = Path(tmp) / "store"
+        from prompt_store.factory import open_store
+        from vpt.task import read_metadata
+
+        st = open_store(str(store))
+        for i, t in enumerate(tasks):
+            blob = save_task_file(t, bb)
+            st.put_task("default", f"task{i}", blob, read_metadata(blob))
+        st.close()
+        for n in (int(w) for w in args.workers.split(",")):
+            res = server_case(args, weights, store, script, n)
+            base = res["img_s"] if n == 0 else base
+            fe = res["cpu_ms_per_img"].get("frontend", res["cpu_ms_per_img"].get("server", 0.0))
+            print(json.dumps({"case": "server", "frontend_workers": n, "img_s": round(res["img_s"], 1),
+                              "vs_n0": round(res["img_s"] / base, 3) if base else None,
+                              "vs_engine": round(res["img_s"] / engine, 3), "p50_ms": res["p50_ms"],
+                              "p99_ms": res["p99_ms"], "errors": res["status_errors"] + res["socket_errors"],
+                              "mean_batch": res["mean_batch"], "cpu_ms_per_img": res["cpu_ms_per_img"],
+                              "decode_ms_per_img": round(dec, 3),
+                              "frontend_ms_excl_decode": round(fe - dec, 3) if n > 0 else None,
+                              "exit_code": res["exit_code"], "load_avg": os.getloadavg()[0], **common}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

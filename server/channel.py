@@ -1,0 +1,177 @@
+"""The front end <-> engine protocol: a shared-memory slot ring for tensors, framed JSON on a Unix socket.
+
+Shared memory: one file in /dev/shm (or the temp dir), mapped by every process, cut into one region
+per front end of `slots` slots of `slot_bytes` each. A front end owns its region: it picks a free
+slot, writes a decoded image (uint8 (H, W, 3)) or a preprocessed float32 (n, 3, H, W) tensor into
+it, and sends the slot's number; the engine reads the slot in place (torch.frombuffer, no copy)
+and answers; the front end frees the slot when the answer comes. No other process writes a
+region, so a front end that crashes loses only its own region, which its replacement starts
+afresh; the engine drops what the closed connection had queued.
+
+Frames: 4-byte big-endian length, then a JSON object; a frame listing `inline` byte counts is
+followed by that many raw byte frames (tensors too large for a slot, sent once over the socket,
+never pickled).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import mmap
+import os
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 1 << 31
+DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, "float32": torch.float32}
+ENV_SHM = "VPT_INTERNAL_SHM"          # the ring's file, set by the supervisor for its children
+ENV_SOCKET = "VPT_INTERNAL_SOCKET"    # the engine's Unix socket
+ENV_INDEX = "VPT_INTERNAL_FRONTEND"   # this front end's region
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    frontends: int
+    slots: int
+    slot_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.frontends * self.slots * self.slot_bytes
+
+    def offset(self, frontend: int, slot: int) -> int:
+        if not (0 <= frontend < self.frontends and 0 <= slot < self.slots):
+            raise ValueError(f"no slot {frontend}/{slot} in a ring of {self.frontends} x {self.slots}")
+        return (frontend * self.slots + slot) * self.slot_bytes
+
+
+class SlotRing:
+    """The mapped ring (see the module docstring). `create` makes the file; `attach` maps it."""
+
+    def __init__(self, path: Path, layout: RingLayout, owner: bool) -> None:
+        self.path, self.layout, self.owner = path, layout, owner
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(fd, layout.total)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def create(cls, layout: RingLayout) -> SlotRing:
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        path = base / f"vpt-ring-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, layout.total)  # sparse: pages exist once written
+        finally:
+            os.close(fd)
+        return cls(path, layout, owner=True)
+
+    @classmethod
+    def attach(cls, spec: str) -> SlotRing:
+        """`spec` is `describe()`'s string: path:frontends:slots:slot_bytes."""
+        path, f, s, b = spec.rsplit(":", 3)
+        return cls(Path(path), RingLayout(int(f), int(s), int(b)), owner=False)
+
+    def describe(self) -> str:
+        lay = self.layout
+        return f"{self.path}:{lay.frontends}:{lay.slots}:{lay.slot_bytes}"
+
+    def write(self, frontend: int, slot: int, data: memoryview | bytes) -> None:
+        """Copy `data` (at most slot_bytes) into a slot: the one copy an image makes."""
+        n = len(data)
+        if n > self.layout.slot_bytes:
+            raise ValueError(f"{n} bytes do not fit a {self.layout.slot_bytes}-byte slot")
+        off = self.layout.offset(frontend, slot)
+        self.map[off:off + n] = data
+
+    def tensor(self, frontend: int, slot: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        """A tensor aliasing the slot (no copy); valid until the front end frees the slot."""
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.layout.slot_bytes or count <= 0:
+            raise ValueError(f"a {dtype} {shape} tensor does not fit a slot")
+        off = self.layout.offset(frontend, slot)
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=off).view(shape)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # tensors still alias it: the mapping goes with the process
+            pass
+        if self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+class SlotPool:
+    """A front end's free slots in its own region (single event loop: no lock needed)."""
+
+    def __init__(self, slots: int) -> None:
+        self.free = list(range(slots - 1, -1, -1))
+        self.size = slots
+
+    def take(self, n: int) -> list[int] | None:
+        if n > len(self.free):
+            return None
+        return [self.free.pop() for _ in range(n)]
+
+    def give(self, slots: list[int]) -> None:
+        self.free.extend(slots)
+
+    @property
+    def in_use(self) -> int:
+        return self.size - len(self.free)
+
+
+def tensor_item(t: Tensor) -> tuple[dict[str, Any], memoryview]:
+    """A contiguous uint8/float32 tensor -> its description and its bytes (no copy)."""
+    name = next((k for k, v in DTYPES.items() if v == t.dtype), None)
+    if name is None:
+        raise ValueError(f"dtype {t.dtype} cannot cross the channel")
+    t = t.contiguous()
+    return {"dtype": name, "shape": list(t.shape)}, memoryview(t.numpy()).cast("B")
+
+
+def item_shape(item: dict[str, Any]) -> tuple[torch.dtype, tuple[int, ...]]:
+    """Validated dtype and shape of an item description (the engine trusts nothing it receives)."""
+    dtype = DTYPES.get(str(item.get("dtype")))
+    shape = item.get("shape")
+    if dtype is None or not isinstance(shape, list) or not 1 <= len(shape) <= 4 \
+            or not all(isinstance(s, int) and 0 < s < (1 << 20) for s in shape):
+        raise ValueError(f"bad tensor item {item!r:.200}")
+    return dtype, tuple(shape)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], list[bytes]]:
+    """One message and its inline byte frames; IncompleteReadError when the peer closed."""
+    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if n > MAX_FRAME:
+        raise ValueError(f"frame of {n} bytes")
+    msg = json.loads(await reader.readexactly(n))
+    blobs = []
+    for size in msg.get("inline", []):
+        (m,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+        if m != size:
+            raise ValueError("inline frame size mismatch")
+        blobs.append(await reader.readexactly(m))
+    return msg, blobs
+
+
+def encode_frame(msg: dict[str, Any], blobs: list[memoryview | bytes] = ()) -> list[bytes | memoryview]:
+    """The buffers to write for `msg` (its `inline` field is set from `blobs`)."""
+    if blobs:
+        msg = {**msg, "inline": [len(b) for b in blobs]}
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    parts: list[bytes | memoryview] = [HEADER.pack(len(body)) + body]
+    for b in blobs:
+        parts += [HEADER.pack(len(b)), b]
+    return parts

@@ -1,0 +1,55 @@
+"""The engine process: `python -m server.engine.main`, started by the supervisor (`vpt-serve serve`).
+
+Loads the backbone, store, bank, batcher and (embedded mode) the training workers, then answers
+front ends on the channel's Unix socket until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from server.channel import ENV_SHM, ENV_SOCKET, SlotRing
+from server.engine.service import EngineService
+from server.state import AppState
+
+log = logging.getLogger("vpt-serve.engine")
+
+
+async def serve(state: AppState, ring: SlotRing, path: str) -> None:
+    server = await EngineService(state, ring).serve(path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("engine ready on %s", path)
+    await stop.wait()
+    server.close()
+
+
+def main() -> int:
+    from server.cli import _settings_from_env, _setup_logging, _start_state
+
+    settings = _settings_from_env()
+    _setup_logging(settings.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards what matters as SIGTERM
+    ring = SlotRing.attach(os.environ[ENV_SHM])
+    state = _start_state(settings)
+    if state is None:
+        return 2
+    clean = False
+    try:
+        asyncio.run(serve(state, ring, os.environ[ENV_SOCKET]))
+    finally:
+        clean = state.close()  # workers stop at their next step and hand their jobs back
+        ring.close()
+    if not clean:  # a training thread did not stop within the grace period: its job was handed back
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""A front-end process: `python -m server.frontend.main`, started by the supervisor (`vpt-serve serve`).
+
+Serves HTTP on the listening socket it inherits from the supervisor (every front end accepts on the
+same socket: an idle one picks up the next connection) and talks to the engine over the channel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+ENV_LISTEN_FD = "VPT_INTERNAL_LISTEN_FD"
+
+log = logging.getLogger("vpt-serve.frontend")
+
+
+def main() -> int:
+    import uvicorn
+
+    from server.cli import _settings_from_env, _setup_logging
+    from server.frontend.app import create_app
+    from server.frontend.state import FrontendState
+
+    settings = _settings_from_env()
+    _setup_logging(settings.log_level)
+    sock = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
+    state = FrontendState.from_env(settings)
+    config = uvicorn.Config(create_app(settings, frontend=state), log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

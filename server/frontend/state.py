@@ -1,0 +1,115 @@
+"""What a front-end process holds: settings, keys, the store, a decoder and its engine connection.
+
+It has no backbone weights, no bank and no batcher: predictions, readiness of the device side and
+engine metrics go to the engine process over the channel (server/channel.py). Jobs go to the store's
+job queue, which is cross-process: the engine's training workers claim them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from torch import Tensor
+
+from prompt_store.factory import open_store
+from server.channel import SlotRing
+from server.engine.batcher import Outcome
+from server.frontend.auth import KeyRing, load_keyring
+from server.frontend.engine_client import EngineClient
+from server.frontend.images import ImageDecoder
+from server.jobs import JobService
+from server.settings import Settings
+from server.state import open_job_queue, work_dir
+
+log = logging.getLogger(__name__)
+
+
+class BackboneInfo:
+    """The engine's backbone as facts (what task-file checks and `GET /backbone` need)."""
+
+    def __init__(self, facts: dict[str, Any]) -> None:
+        self.facts = facts
+        self.name, self.fingerprint = facts["name"], facts["fingerprint"]
+        self.embed_dim, self.depth = int(facts["embed_dim"]), int(facts["depth"])
+        self.num_heads = int(facts["num_heads"])
+        self.data_config = {"input_size": tuple(facts["input_size"]), "mean": tuple(facts["mean"]),
+                            "std": tuple(facts["std"]), "interpolation": facts["interpolation"],
+                            "crop_pct": facts["crop_pct"], "crop_mode": facts["crop_mode"]}
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.facts)
+
+
+class FrontMetrics:
+    """HTTP metrics of this front end, written to the shared multiprocess directory; scrapes merge
+    every front end's files with the engine's own registry (batches, queue, bank, jobs, predictions)."""
+
+    def __init__(self) -> None:
+        self.directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self.requests = Counter("vpt_http_requests_total", "HTTP requests", ["route", "method", "status"],
+                                registry=None)
+        self.latency = Histogram("vpt_http_request_seconds", "HTTP request latency", ["route", "method"],
+                                 registry=None, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+
+    def render_http(self) -> bytes:
+        registry = CollectorRegistry()
+        if self.directory:
+            multiprocess.MultiProcessCollector(registry, path=self.directory)
+        else:  # not started by the supervisor: only this process
+            registry.register(self.requests)
+            registry.register(self.latency)
+        return generate_latest(registry)
+
+
+class FrontendState:
+    def __init__(self, settings: Settings, client: EngineClient) -> None:
+        self.settings = settings
+        self.keyring: KeyRing = load_keyring(settings.api_keys, settings.api_keys_file)
+        self.client = client
+        self.store = open_store(settings.store)
+        self.metrics = FrontMetrics()
+        uploads = settings.uploads_dir.resolve()
+        uploads.mkdir(parents=True, exist_ok=True)
+        self.queue = open_job_queue(settings, self.store)  # cross-process: the engine's workers claim
+        self.jobs = JobService(self.store, self.queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,
+                               settings.max_pending_bytes_per_tenant)
+        self.backbone: BackboneInfo | None = None
+        self.decoder: ImageDecoder | None = None
+
+    @classmethod
+    def from_env(cls, settings: Settings) -> FrontendState:
+        from server.channel import ENV_INDEX, ENV_SHM, ENV_SOCKET
+
+        ring = SlotRing.attach(os.environ[ENV_SHM])
+        return cls(settings, EngineClient(os.environ[ENV_SOCKET], ring, int(os.environ[ENV_INDEX])))
+
+    async def start(self) -> None:
+        hello = await self.client.connect()
+        self.backbone = BackboneInfo(hello["backbone"])
+        self.decoder = ImageDecoder(self.settings.max_image_pixels, int(hello["min_side"]),
+                                    threads=self.settings.decode_threads)
+
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:
+        return await self.client.predict(tenant, task, images, top_k)
+
+    async def ready(self, details: bool = False) -> dict[str, str]:
+        if not self.client.connected:
+            return {"engine": "unreachable"}
+        try:
+            return await asyncio.wait_for(self.client.call({"op": "ready", "details": details}), timeout=5)
+        except Exception as e:  # the engine is gone or stuck: not ready  # noqa: BLE001
+            return {"engine": f"unavailable: {type(e).__name__}"}
+
+    async def render_metrics(self) -> bytes:
+        engine = await asyncio.wait_for(self.client.call({"op": "metrics"}), timeout=10)
+        return self.metrics.render_http() + engine["text"].encode()
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+        self.queue.close()
+        self.store.close()

@@ -1,0 +1,87 @@
+"""Front-end processes over real uvicorn processes: a crashed front end is replaced, metrics merge
+across front ends, SIGTERM stops everything with status 0; the single-process mode still serves."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.helpers import backbone_for, constant_task, png
+
+
+def children(pid: int) -> dict[str, list[int]]:
+    kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    out: dict[str, list[int]] = {"engine": [], "frontend": []}
+    for k in kids:
+        try:
+            cmd = Path(f"/proc/{k}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"server.engine.main" in cmd:
+            out["engine"].append(k)
+        elif b"server.frontend.main" in cmd:
+            out["frontend"].append(k)
+    return out
+
+
+def predict(url: str, task: str, seed: int = 0) -> httpx.Response:
+    return httpx.post(url + "/predict", params={"task": task}, content=png(seed),
+                      headers={"content-type": "image/png"}, timeout=60)
+
+
+def counter(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_server, tiny_vit_file) -> None:
+    proc = start_server(env={"VPT_FRONTEND_WORKERS": "2", "VPT_WORKERS": "0"})
+    bb = backbone_for(str(tiny_vit_file))
+    httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=1)).raise_for_status()
+    kids = children(proc.proc.pid)
+    assert len(kids["engine"]) == 1 and len(kids["frontend"]) == 2
+
+    for i in range(12):  # a fresh connection each: the two front ends share them
+        r = predict(proc.base_url, "t", i)
+        assert r.status_code == 200 and r.json()["results"][0]["top_k"][0]["label"] == "b"
+    assert predict(proc.base_url, "missing").status_code == 404
+    text = httpx.get(proc.base_url + "/metrics").text
+    assert counter(text, 'vpt_http_requests_total{method="POST",route="/predict",status="200"}') == 12
+    assert counter(text, "vpt_batch_images_count") >= 1  # the engine's own metrics come along
+    assert text.count("# TYPE vpt_http_requests_total") == 1
+
+    victim = kids["frontend"][0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = children(proc.proc.pid)["frontend"]
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the killed front end was not replaced")
+    proc.wait_ready()
+    ok = 0
+    for i in range(12):
+        try:
+            ok += predict(proc.base_url, "t", i).status_code == 200
+        except httpx.HTTPError:
+            pass  # a connection the dying front end had accepted
+    assert ok >= 10 and predict(proc.base_url, "t").status_code == 200
+
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(60) == 0
+    assert not Path(f"/proc/{kids['engine'][0]}").exists()
+
+
+def test_single_process_mode_still_serves(start_server, tiny_vit_file) -> None:
+    proc = start_server(env={"VPT_FRONTEND_WORKERS": "0", "VPT_WORKERS": "0"})
+    assert children(proc.proc.pid) == {"engine": [], "frontend": []}
+    bb = backbone_for(str(tiny_vit_file))
+    httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=0)).raise_for_status()
+    r = predict(proc.base_url, "t")
+    assert r.status_code == 200 and r.json()["results"][0]["top_k"][0]["label"] == "a"
+    assert counter(httpx.get(proc.base_url + "/metrics").text, "vpt_batch_images_count") >= 1
