@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vpt.auto import run_auto
 from vpt.backbone import Backbone, load_backbone
 from vpt.engine import forward_logits, stack_slots, task_slot_tensors, training_table
 from vpt.pipeline import evaluate
@@ -151,21 +152,34 @@ def infer_speed(fn, batch: Tensor) -> float:
     return batch.shape[0] / float(np.median(times[1:]))
 
 
+# bench name -> training options (every method of the registry, the MLP-3 head, and auto)
+METHODS = {"linear": {"method": "linear"}, "vpt-shallow": {"method": "vpt-shallow"},
+           "vpt-deep": {"method": "vpt-deep"}, "bias": {"method": "bias"},
+           "vpt-deep+bias": {"method": "vpt-deep+bias"}, "adapter": {"method": "adapter", "adapter_reduction": 8},
+           "partial-1": {"method": "partial-1"}, "mlp-3": {"method": "linear", "head": "mlp-3"},
+           "auto": {"method": "auto"}}
+
+
 def adapt_prompted(bb: Backbone, method: str, data: dict[str, list], args: argparse.Namespace) -> dict:
-    """The server's recipe with a base-lr search scored on val; the winner is scored on test."""
-    options = TrainOptions(method=method, num_prompts=args.prompts, epochs=args.epochs, batch_size=32,
-                           weight_decay=1e-4, augmentation="none", seed=args.seed)
+    """The server's recipe with a base-lr search scored on val (auto: its candidates at --auto-lr);
+    the winner is scored on test."""
+    options = TrainOptions(num_prompts=args.prompts, epochs=args.epochs, batch_size=32, weight_decay=1e-4,
+                           augmentation="none", seed=args.seed, base_lr=args.auto_lr, **METHODS[method])
     classes = [str(c) for c in range(5, 10)]
-    sweep = run_sweep(bb, classes, data["train"], data["val"], options, grid=[(lr, 1e-4) for lr in args.lrs])
-    out = sweep.winner
+    if method == "auto":
+        auto = run_auto(bb, classes, data["train"], data["val"], options)
+        out = auto.winner
+    else:
+        out = run_sweep(bb, classes, data["train"], data["val"], options, grid=[(lr, 1e-4) for lr in args.lrs]).winner
     test = evaluate(bb, out.params, data["test"], classes, out.options).accuracy
     x, y = batches(data["train"], 32, None)[0]
     params = copy.deepcopy(out.params).requires_grad_(True)
     table = stack_slots(bb, [task_slot_tensors(bb, out.params)])
     slot = torch.zeros(x.shape[0], dtype=torch.long)
     return {"val_acc": out.best_val_acc, "test_acc": test, "best_epoch": out.best_epoch,
+            "chosen": out.params.spec.method if method == "auto" else None,
             "trainable_params": out.params.num_trainable()["total"], "lr": out.options.base_lr,
-            "train_images_per_s": step_speed(bb, params, x, y, options.resolved_prompt_dropout),
+            "train_images_per_s": step_speed(bb, params, x, y, out.options.resolved_prompt_dropout),
             "infer_images_per_s": infer_speed(lambda b: forward_logits(bb, b, table, slot), x)}
 
 
@@ -205,6 +219,8 @@ def main() -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.25, 1.0, 5.0, 25.0],
                     help="base lrs searched for the prompt methods")
     ap.add_argument("--full-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="AdamW lrs, full FT")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--auto-lr", type=float, default=1.0, help="base lr of every auto candidate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = ap.parse_args()
@@ -220,12 +236,12 @@ def main() -> None:
         print(json.dumps({"bench": "transfer_digits", **pretrain(up_train, up_val, args.pretrain_epochs, args.seed,
                                                                   weights), "device": device}), flush=True)
         bb = load_backbone(NAME, weights=weights, model_kwargs=KWARGS)
-        results = {m: adapt_prompted(bb, m, data, args) for m in ("linear", "vpt-shallow", "vpt-deep")}
+        results = {m: adapt_prompted(bb, m, data, args) for m in args.methods}
         results["full"] = adapt_full(weights, data, args)
     full = results["full"]
     for method, r in results.items():
         print(json.dumps({
-            "bench": "transfer_digits", "method": method, "classes": "5-9", "test_acc": round(r["test_acc"], 4),
+            "bench": "transfer_digits", "method": method, "chosen": r.get("chosen"), "classes": "5-9", "test_acc": round(r["test_acc"], 4),
             "val_acc": round(r["val_acc"], 4), "best_epoch": r["best_epoch"], "epochs": args.epochs, "lr": r["lr"],
             "trainable_params": r["trainable_params"],
             "train_images": len(train), "val_images": len(val), "test_images": len(test),

@@ -44,7 +44,10 @@ def _backbone_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="backbone dtype (env VPT_DTYPE; default float32)")
 
 
-_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "integer": int, "number": float, "string": str,
+    "array": lambda v: [s.strip() for s in v.split(",") if s.strip()],   # comma-separated
+}
 
 
 def add_option_flags(p: argparse.ArgumentParser) -> None:

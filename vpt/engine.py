@@ -1,338 +1,288 @@
-"""The prompted forward: one pass over a frozen timm ViT for a batch that mixes tasks.
+"""The mixed-task forward: one pass over a frozen timm ViT for a batch whose samples use any methods.
 
+A `PromptTable` holds, per bank slot, the tensors each task's method components declared (deep
+prompt keys/values, shallow prompts, bias changes, adapters, partial blocks, heads...), padded
+with zeros to the widest slot. The forward asks the batch context (filled by the components
+found in the table, `vpt.methods`) what changes at each point; it knows no method by name.
 Deep prompts act on image tokens only through attention, so each (task, block) contributes
-constant keys/values `LN1(P) W_k + b_k`, `LN1(P) W_v + b_v`; they are computed once per task
-(`task_slot_tensors`) and read per sample through `slot[b]`. Shallow prompts are tokens: they ride
-at the end of each sequence with a per-sample valid length. Heads are gathered per sample.
+constant keys/values computed once when the task is loaded. Shallow prompts are tokens riding
+at the end of each sequence with a per-sample valid length.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
-from torch import Tensor
+from torch import Tensor, nn
 
-from kernels import attention
 from vpt.backbone import Backbone
+from vpt.blocks import block_forward, layer_norm
+from vpt.methods import FIELDS, BatchContext, forward_components
 from vpt.task import TaskParams
+
+HEAD_W, HEAD_B = "head_w", "head_b"
+HEAD_ONLY = frozenset(f.name for c in forward_components() if c.kind == "head" for f in c.fields)
 
 
 @dataclass
 class PromptTable:
-    """Per-slot tensors a batch gathers from (the bank holds one of these on the device)."""
+    """Per-slot tensors a batch gathers from (the bank holds one of these on the device).
 
-    deep_k: Tensor | None    # (L, S, H, P, hd) deep prompt keys per block
-    deep_v: Tensor | None    # (L, S, H, P, hd)
-    deep_len: Tensor         # (S,) valid deep prompt rows
-    shallow: Tensor | None   # (S, Ps, d) shallow prompt tokens
-    shallow_len: Tensor      # (S,) valid shallow prompts
-    head_w: Tensor           # (S, C, d) heads padded to the widest class count
-    head_b: Tensor           # (S, C)
-    num_classes: Tensor      # (S,) valid classes per slot
+    `tensors[name]` is (S, ...) (or (1, ...): one row shared by every slot, in training);
+    `lengths[name]` (S,) is each slot's valid length of fields that declare one.
+    """
+
+    tensors: dict[str, Tensor]
+    lengths: dict[str, Tensor]
+    slots: int
+    device: torch.device
+    training: bool = False
+    modules: dict[str, nn.Module] = field(default_factory=dict)   # training only: the head module
 
     @property
-    def slots(self) -> int:
-        return self.head_w.shape[0]
+    def num_classes(self) -> Tensor:
+        return self.lengths[HEAD_W]
 
 
 @dataclass
 class SlotTensors:
-    """One task's share of a PromptTable (unpadded)."""
+    """One task's share of a PromptTable (unpadded, no slot dim): field name -> tensor."""
 
-    deep_k: Tensor | None    # (L, H, p, hd)
-    deep_v: Tensor | None    # (L, H, p, hd)
-    shallow: Tensor | None   # (p, d)
-    head_w: Tensor           # (C, d)
-    head_b: Tensor           # (C,)
-
-    # Generic over the dataclass's fields (tensors, or dicts/lists/tuples of tensors), so that a
-    # new per-method field is counted, moved and pinned without touching these methods. The bank
-    # relies only on these and on `pack_slots` / `forward_grouped`; it reads no field by name.
+    tensors: dict[str, Tensor]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors_of(self))
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SlotTensors:
-        """A copy on `device` (the same tensors where they already are there)."""
-        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+        return SlotTensors({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
 
     def pin_memory(self) -> SlotTensors:
-        """Host tensors in page-locked memory, so uploads can be asynchronous (CUDA only)."""
-        return _map_tensors(self, lambda t: t.pin_memory())
+        return SlotTensors({k: v.pin_memory() for k, v in self.tensors.items()})
+
+    def dims(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.tensors.items()}
 
 
-def _map_value(v: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(v, Tensor):
-        return fn(v)
-    if isinstance(v, dict):
-        return {k: _map_value(x, fn) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_map_value(x, fn) for x in v)
-    return v
-
-
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    return replace(obj, **{f.name: _map_value(getattr(obj, f.name), fn) for f in fields(obj)})
-
-
-def _tensors_of(obj: Any) -> list[Tensor]:
-    found: list[Tensor] = []
-    _map_value([getattr(obj, f.name) for f in fields(obj)], lambda t: found.append(t) or t)
-    return found
-
-
-def prompt_kv(blk: Block, prompts: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values of prompt tokens in one block; their queries are never computed.
-
-    prompts: (S, p, d) -> k, v each (S, H, p, hd).
-    """
-    attn = blk.attn
-    S, p, _ = prompts.shape
-    ad = attn.attn_dim
-    h = blk.norm1(prompts)                                                    # (S, p, d)
-    w = attn.qkv.weight[ad:]                                                  # (2 ad, d): the k and v rows
-    b = attn.qkv.bias[ad:] if attn.qkv.bias is not None else None
-    kv = F.linear(h, w, b).reshape(S, p, 2, attn.num_heads, attn.head_dim)    # (S, p, 2, H, hd)
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                # each (S, H, p, hd)
-    return attn.k_norm(k), v
-
-
-def deep_prompt_kv(backbone: Backbone, prompts: Tensor) -> tuple[Tensor, Tensor]:
-    """prompts (S, L, p, d) -> keys, values each (L, S, H, p, hd), one block at a time."""
-    ks, vs = [], []
-    for layer, blk in enumerate(backbone.model.blocks):
-        k, v = prompt_kv(blk, prompts[:, layer])                              # (S, H, p, hd)
-        ks.append(k)
-        vs.append(v)
-    return torch.stack(ks), torch.stack(vs)                                   # (L, S, H, p, hd)
+Dims = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def task_slot_tensors(backbone: Backbone, params: TaskParams) -> SlotTensors:
     """What the bank stores for a task, in the backbone's dtype and device (no grad)."""
-    dev, dt = backbone.device, backbone.dtype
-    method = params.spec.method
-    deep_k = deep_v = shallow = None
     with torch.inference_mode():
-        if method == "vpt-deep":
-            prompts = params.prompts.detach().to(dev, dt)[None]               # (1, L, p, d)
-            k, v = deep_prompt_kv(backbone, prompts)                          # (L, 1, H, p, hd)
-            deep_k, deep_v = k[:, 0].clone(), v[:, 0].clone()                 # (L, H, p, hd)
-        elif method == "vpt-shallow":
-            shallow = params.prompts.detach()[0].to(dev, dt).clone()          # (p, d)
-        head_w = params.head.weight.detach().to(dev, dt).clone()              # (C, d)
-        head_b = params.head.bias.detach().to(dev, dt).clone()                # (C,)
-    return SlotTensors(deep_k=deep_k, deep_v=deep_v, shallow=shallow, head_w=head_w, head_b=head_b)
+        rows = params.slot_tensors(backbone)
+        return SlotTensors({k: v[0].to(backbone.device).clone() for k, v in rows.items()})
 
 
-def allocate_table(backbone: Backbone, slots: int, P: int, Ps: int, C: int) -> PromptTable:
-    """An all-zero table of `slots` slots for up to P deep prompts, Ps shallow prompts, C classes."""
-    dev, dt = backbone.device, backbone.dtype
-    L, H, hd, d = backbone.depth, backbone.num_heads, backbone.head_dim, backbone.embed_dim
-    return PromptTable(
-        deep_k=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
-        deep_v=torch.zeros(L, slots, H, P, hd, device=dev, dtype=dt) if P else None,
-        deep_len=torch.zeros(slots, dtype=torch.long, device=dev),
-        shallow=torch.zeros(slots, Ps, d, device=dev, dtype=dt) if Ps else None,
-        shallow_len=torch.zeros(slots, dtype=torch.long, device=dev),
-        head_w=torch.zeros(slots, C, d, device=dev, dtype=dt),
-        head_b=torch.zeros(slots, C, device=dev, dtype=dt),
-        num_classes=torch.zeros(slots, dtype=torch.long, device=dev),
-    )
+def merge_dims(a: Dims, b: Dims) -> Dims:
+    """Per field, the elementwise widest shape of `a` and `b`."""
+    out = dict(a)
+    for name, (shape, dt) in b.items():
+        if name in out:
+            shape = tuple(max(x, y) for x, y in zip(out[name][0], shape))
+        out[name] = (shape, dt)
+    return out
 
 
-def stack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
-    """A PromptTable holding `slots` in order, padded to the widest prompt and class counts."""
-    S = len(slots)
-    P = max((s.deep_k.shape[2] for s in slots if s.deep_k is not None), default=0)
-    Ps = max((s.shallow.shape[0] for s in slots if s.shallow is not None), default=0)
-    C = max(s.head_w.shape[0] for s in slots)
-    table = allocate_table(backbone, S, P, Ps, C)
+def slot_bytes(dims: Dims) -> int:
+    """Bytes of one slot of a table with `dims` (plus its lengths)."""
+    total = 0
+    for shape, dt in dims.values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * torch.empty((), dtype=dt).element_size()
+    return total + 8 * sum(1 for name in dims if FIELDS[name].length_dim is not None)
+
+
+def allocate_table(backbone: Backbone, slots: int, dims: Dims, counted: tuple[str, ...] = (HEAD_W,)) -> PromptTable:
+    """An all-zero table of `slots` slots, each field as wide as `dims` says; valid lengths are kept
+    for the fields that declare one, and for `counted` (the class count) even without its tensor."""
+    dev = backbone.device
+    tensors = {name: torch.zeros(slots, *shape, device=dev, dtype=dt) for name, (shape, dt) in dims.items()}
+    lengths = {name: torch.zeros(slots, dtype=torch.long, device=dev) for name in (*dims, *counted)
+               if FIELDS[name].length_dim is not None}
+    return PromptTable(tensors=tensors, lengths=lengths, slots=slots, device=dev)
+
+
+def _table_of(backbone: Backbone, slots: list[SlotTensors], skip: frozenset[str] = frozenset()) -> PromptTable:
+    dims: Dims = {}
+    for s in slots:
+        dims = merge_dims(dims, {k: v for k, v in s.dims().items() if k not in skip})
+    table = allocate_table(backbone, len(slots), dims)
     for i, s in enumerate(slots):
         write_slot(table, i, s)
     return table
 
 
+def stack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
+    """A PromptTable holding `slots` in order, heads included, padded to the widest of each field."""
+    return _table_of(backbone, slots)
+
+
+def pack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
+    """One batch's table of its distinct tasks (`slots`), padded only to this batch's widest of each
+    field. Heads are not copied (`apply_heads_grouped` reads them from `slots`); class counts are kept."""
+    return _table_of(backbone, slots, HEAD_ONLY)
+
+
 def write_slot(table: PromptTable, i: int, s: SlotTensors) -> None:
-    """Copy one task's tensors into slot `i` (zero-padding the rest of the slot)."""
+    """Copy one task's tensors into slot `i` (zero-padding the rest of the slot); fields the table
+    does not hold (heads in a packed table) are left out, their valid lengths still recorded."""
     with torch.no_grad():
-        if table.deep_k is not None:
-            table.deep_k[:, i].zero_()
-            table.deep_v[:, i].zero_()
-        p = 0
-        if s.deep_k is not None:
-            p = s.deep_k.shape[2]
-            table.deep_k[:, i, :, :p] = s.deep_k
-            table.deep_v[:, i, :, :p] = s.deep_v
-        table.deep_len[i] = p
-        ps = 0
-        if table.shallow is not None:
-            table.shallow[i].zero_()
-            if s.shallow is not None:
-                ps = s.shallow.shape[0]
-                table.shallow[i, :ps] = s.shallow
-        table.shallow_len[i] = ps
-        c = s.head_w.shape[0]
-        table.head_w[i].zero_()
-        table.head_b[i].zero_()
-        table.head_w[i, :c] = s.head_w
-        table.head_b[i, :c] = s.head_b
-        table.num_classes[i] = c
+        for name, t in table.tensors.items():
+            t[i].zero_()
+            src = s.tensors.get(name)
+            if src is not None:
+                t[i][tuple(slice(0, n) for n in src.shape)] = src
+        for name, lens in table.lengths.items():
+            src = s.tensors.get(name)
+            lens[i] = src.shape[FIELDS[name].length_dim] if src is not None else 0
 
 
 def training_table(backbone: Backbone, params: TaskParams, batch_size: int, dropout: float,
                    training: bool) -> tuple[PromptTable, Tensor]:
-    """A differentiable table for one task: prompt K/V computed from the parameters.
+    """A differentiable table for one task, computed from its parameters.
 
     With prompt dropout in training, every sample gets its own mask (as the official code's
-    dropout after `expand`), so each sample gets its own slot.
+    dropout after `expand`), so prompt fields get one row per sample and each sample its slot.
     """
-    dev, dt = backbone.device, backbone.dtype
-    method = params.spec.method
-    per_sample = training and dropout > 0 and method != "linear"
-    S = batch_size if per_sample else 1
-    slot = torch.arange(S, device=dev) if per_sample else torch.zeros(batch_size, dtype=torch.long, device=dev)
-    deep_k = deep_v = shallow = None
-    deep_len = torch.zeros(S, dtype=torch.long, device=dev)
-    shallow_len = torch.zeros(S, dtype=torch.long, device=dev)
-    if params.prompts is not None:
-        prompts = params.prompts.to(dev, dt)[None].expand(S, -1, -1, -1)        # (S, L_p, p, d)
-        if per_sample:
-            prompts = F.dropout(prompts, p=dropout, training=True)
-        p = prompts.shape[2]
-        if method == "vpt-deep":
-            deep_k, deep_v = deep_prompt_kv(backbone, prompts)                   # (L, S, H, p, hd)
-            deep_len.fill_(p)
-        else:
-            shallow = prompts[:, 0]                                              # (S, p, d)
-            shallow_len.fill_(p)
-    C = params.spec.num_classes
-    table = PromptTable(  # one head for every slot: expanded views, no copies
-        deep_k=deep_k, deep_v=deep_v, deep_len=deep_len, shallow=shallow, shallow_len=shallow_len,
-        head_w=params.head.weight.to(dev, dt)[None].expand(S, -1, -1),                  # (S, C, d)
-        head_b=params.head.bias.to(dev, dt)[None].expand(S, -1),                        # (S, C)
-        num_classes=torch.full((S,), C, dtype=torch.long, device=dev),
-    )
+    dev = backbone.device
+    per_sample = training and dropout > 0 and params.prompts is not None
+    samples = batch_size if per_sample else 1
+    params.train(training)
+    tensors = params.slot_tensors(backbone, samples, dropout if per_sample else 0.0)
+    lengths = {name: torch.tensor([t.shape[FIELDS[name].length_dim + 1]], device=dev)
+               for name, t in tensors.items() if FIELDS[name].length_dim is not None}
+    slot = torch.arange(batch_size, device=dev) if per_sample else torch.zeros(batch_size, dtype=torch.long,
+                                                                                 device=dev)
+    table = PromptTable(tensors=tensors, lengths=lengths, slots=samples, device=dev, training=training,
+                        modules={"head": params.head})
     return table, slot
 
 
-def _block_forward(blk: Block, x: Tensor, seq_len: Tensor | None, bank_k: Tensor | None, bank_v: Tensor | None,
-                   slot: Tensor, prompt_len: Tensor) -> Tensor:
-    """timm's pre-norm block with image tokens attending to [own tokens ; the task's deep prompts]."""
-    B, N, D = x.shape
-    attn = blk.attn
-    h = blk.norm1(x)                                                               # (B, N, d)
-    qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)                                                        # each (B, H, N, hd)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    o = attention(q, k, v, seq_len, bank_k, bank_v, slot, prompt_len, attn.scale, check=False)  # (B, H, N, hd)
-    o = attn.norm(o.transpose(1, 2).reshape(B, N, attn.attn_dim))                  # (B, N, H*hd)
-    if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(h).sigmoid()
-    x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(o))))                  # (B, N, d)
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+def make_context(backbone: Backbone, table: PromptTable, slot: Tensor, kinds: tuple[str, ...] | None = None
+                 ) -> BatchContext:
+    """The batch context with the hooks of every component whose fields the table holds."""
+    ctx = BatchContext(backbone, table, slot)
+    for comp in forward_components():
+        if (kinds is None or comp.kind in kinds) and any(f.name in table.tensors for f in comp.fields):
+            comp.prepare(ctx)
+    return ctx
+
+
+def _append_tokens(x: Tensor, n0: int, seq_len: Tensor | None, tok: Tensor | None, tlen: Tensor | None
+                   ) -> tuple[Tensor, Tensor | None]:
+    """Append each sample's extra tokens after its valid ones; (B, N, d) -> (B, N', d), new lengths."""
+    if tok is None:
+        return x, seq_len
+    if seq_len is None:
+        return torch.cat([x, tok.to(x.dtype)], dim=1), n0 + tlen                 # (B, N0 + p, d)
+    width = max(x.shape[1] - n0, tok.shape[1])  # a sample has old extra tokens or new ones, never both
+    x = F.pad(x, (0, 0, 0, n0 + width - x.shape[1]))
+    tok = F.pad(tok.to(x.dtype), (0, 0, 0, width - tok.shape[1]))
+    region = torch.where((tlen > 0)[:, None, None], tok, x[:, n0:])              # (B, width, d)
+    return torch.cat([x[:, :n0], region], dim=1), seq_len + tlen
+
+
+def _tail_one(ctx: BatchContext, x: Tensor, seq_len: Tensor | None, weights: dict[str, Tensor]) -> Tensor:
+    """The last block and the final norm, with `weights` (backbone names) replacing the backbone's."""
+    m = ctx.backbone.model
+    last = len(m.blocks) - 1
+    pre = f"blocks.{last}."
+    bw = {k[len(pre):]: v for k, v in weights.items() if k.startswith(pre)}
+    x = block_forward(m.blocks[last], x, ctx, last, seq_len, bw)
+    if not isinstance(m.norm, nn.LayerNorm):
+        return m.norm(x)
+    return layer_norm(x, m.norm, weights.get("norm.weight", m.norm.weight), weights.get("norm.bias", m.norm.bias),
+                      ctx.bias("norm.bias"))
+
+
+def _tail(ctx: BatchContext, x: Tensor, seq_len: Tensor | None) -> Tensor:
+    groups = ctx.tail_groups(ctx) if ctx.tail_groups is not None else [(None, {})]
+    if len(groups) == 1 and groups[0][0] is None:
+        return _tail_one(ctx, x, seq_len, groups[0][1])
+    out = torch.zeros_like(x)
+    for idx, weights in groups:   # partial tuning: the last block once per task that replaces it
+        sub_len = seq_len.index_select(0, idx) if seq_len is not None else None
+        out = out.index_copy(0, idx, _tail_one(ctx.subset(idx), x.index_select(0, idx), sub_len, weights))
+    return out
 
 
 def forward_features(backbone: Backbone, images: Tensor, table: PromptTable, slot: Tensor) -> Tensor:
-    """(B, 3, H, W) images, each with its bank slot -> (B, d) CLS features after the final norm."""
+    """(B, 3, H, W) images, each with its bank slot -> (B, d) pooled features after the final norm."""
     m = backbone.model
-    x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))             # (B, N0, d)
-    B, N0, _ = x.shape
-    seq_len = None
-    if table.shallow is not None:
-        slen = table.shallow_len.index_select(0, slot)                            # (B,)
-        ps = int(slen.max())
-        if ps > 0:
-            x = torch.cat([x, table.shallow[:, :ps].index_select(0, slot)], dim=1)  # (B, N0 + ps, d)
-            seq_len = N0 + slen                                                    # (B,)
-    P = 0
-    if table.deep_k is not None:
-        P = int(table.deep_len.index_select(0, slot).max())
-    for layer, blk in enumerate(m.blocks):
-        bk = table.deep_k[layer, :, :, :P] if P else None                          # (S, H, P, hd)
-        bv = table.deep_v[layer, :, :, :P] if P else None
-        x = _block_forward(blk, x, seq_len, bk, bv, slot, table.deep_len)
-    x = m.norm(x)
-    return x[:, 0]                                                                 # (B, d) CLS
+    ctx = make_context(backbone, table, slot, ("method", "pooling"))
+    x = m.patch_embed(images)                                                     # (B, Np, d)
+    delta = ctx.bias("patch_embed.proj.bias")
+    if delta is not None:
+        x = x + delta[:, None, :].to(x.dtype)
+    x = m.norm_pre(m.patch_drop(m._pos_embed(x)))                                # (B, N0, d)
+    n0 = x.shape[1]
+    x, seq_len = _append_tokens(x, n0, None, ctx.per_sample.get("tokens"), ctx.per_sample.get("tokens_len"))
+    for layer, blk in enumerate(m.blocks[:-1]):
+        x = block_forward(blk, x, ctx, layer, seq_len)
+    x, seq_len = _append_tokens(x, n0, seq_len, ctx.per_sample.get("last_tokens"),
+                                ctx.per_sample.get("last_tokens_len"))
+    x = _tail(ctx, x, seq_len)                                                   # (B, N, d) after the final norm
+    return ctx.pool(ctx, x, seq_len) if ctx.pool is not None else x[:, 0]        # (B, d)
 
 
-def apply_heads(features: Tensor, table: PromptTable, slot: Tensor) -> Tensor:
+def apply_heads(features: Tensor, table: PromptTable, slot: Tensor, backbone: Backbone | None = None) -> Tensor:
     """Per-sample heads: (B, d) -> (B, C_max) logits, -inf past each sample's class count."""
-    w = table.head_w.index_select(0, slot)                                         # (B, C, d)
-    b = table.head_b.index_select(0, slot)                                         # (B, C)
+    ctx = make_context(backbone, table, slot, ("head",))
+    if ctx.head_hidden is not None:
+        features = ctx.head_hidden(ctx, features)                                 # (B, d)
+    w = ctx.gather(HEAD_W)                                                        # (B, C, d)
+    b = ctx.gather(HEAD_B)                                                        # (B, C)
     logits = torch.baddbmm(b[:, :, None], w, features[:, :, None].to(w.dtype))[:, :, 0]  # (B, C)
     C = logits.shape[1]
-    valid = torch.arange(C, device=logits.device)[None, :] < table.num_classes.index_select(0, slot)[:, None]
+    valid = torch.arange(C, device=logits.device)[None, :] < ctx.length(HEAD_W)[:, None]
     return logits.masked_fill(~valid, float("-inf"))
 
 
 def forward_logits(backbone: Backbone, images: Tensor, table: PromptTable, slot: Tensor) -> Tensor:
-    """(B, 3, H, W) -> (B, C_max) logits, each sample through its own task's prompts and head."""
-    return apply_heads(forward_features(backbone, images, table, slot), table, slot)
+    """(B, 3, H, W) -> (B, C_max) logits, each sample through its own task's method and head."""
+    return apply_heads(forward_features(backbone, images, table, slot), table, slot, backbone)
 
 
 # -- serving from per-task tensors ------------------------------------------------------------------
 # Contract with the bank (prompt_store/bank.py): the bank keeps each task's `SlotTensors` exactly as
-# `task_slot_tensors` built them (moved between host and device with `.to`, measured with
-# `.nbytes()`), and per batch calls `pack_slots` with the batch's distinct tasks, then
-# `forward_grouped`. It reads no field by name: a method that adds per-task tensors extends
-# `SlotTensors`, `task_slot_tensors`, `pack_slots` and the forward, and the bank carries them.
-
-
-def _padded(t: Tensor | None, n: int, dim: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """`t` zero-padded to `n` along `dim` (zeros of `shape` where the task has no such tensor)."""
-    if t is None:
-        return like.new_zeros(shape)
-    if t.shape[dim] == n:
-        return t
-    return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, n - t.shape[dim]])
-
-
-def pack_slots(backbone: Backbone, slots: list[SlotTensors]) -> PromptTable:
-    """One batch's table: the prompt tensors of `slots` (its distinct tasks) stacked, padded only to
-    the batch's own widest prompt count. Heads are not copied (`head_w`/`head_b` are empty,
-    `num_classes` is set): `apply_heads_grouped` reads them from `slots`.
-    """
-    L, H, hd, d = backbone.depth, backbone.num_heads, backbone.head_dim, backbone.embed_dim
-    like = slots[0].head_w
-    deep = [s.deep_k.shape[2] if s.deep_k is not None else 0 for s in slots]
-    shallow = [s.shallow.shape[0] if s.shallow is not None else 0 for s in slots]
-    P, Ps = max(deep), max(shallow)
-    deep_k = deep_v = sh = None
-    if P:
-        deep_k = torch.stack([_padded(s.deep_k, P, 2, (L, H, P, hd), like) for s in slots], dim=1)  # (L, S, H, P, hd)
-        deep_v = torch.stack([_padded(s.deep_v, P, 2, (L, H, P, hd), like) for s in slots], dim=1)  # (L, S, H, P, hd)
-    if Ps:
-        sh = torch.stack([_padded(s.shallow, Ps, 0, (Ps, d), like) for s in slots])                 # (S, Ps, d)
-    lens = torch.tensor([deep, shallow, [s.head_w.shape[0] for s in slots]]).to(like.device)        # (3, S)
-    S = len(slots)
-    return PromptTable(deep_k=deep_k, deep_v=deep_v, deep_len=lens[0], shallow=sh, shallow_len=lens[1],
-                       head_w=like.new_empty(S, 0, d), head_b=like.new_empty(S, 0), num_classes=lens[2])
+# `task_slot_tensors` built them (moved with `.to`, measured with `.nbytes()`), and per batch calls
+# `pack_slots` with the batch's distinct tasks, then `forward_grouped`. It reads no field by name.
 
 
 def apply_heads_grouped(features: Tensor, slots: list[SlotTensors], slot_ids: list[int]) -> list[tuple[list[int], Tensor]]:
     """Each sample through its own task's head, tasks grouped by class count, so no head is padded.
 
     (B, d) features, `slot_ids[b]` indexing `slots` -> one `(rows, logits (n, C))` per class count,
-    `rows` the samples' batch positions in order. A 10,000-class task costs only its own samples.
+    `rows` the samples' batch positions in order. Hidden head layers (mlp-k) run once per task.
     """
+    heads = [c for c in forward_components() if c.kind == "head"]
+    by_task: dict[int, list[int]] = {}
+    for b, j in enumerate(slot_ids):
+        by_task.setdefault(j, []).append(b)
+    for j, rows in by_task.items():
+        if any(c.has_hidden(slots[j].tensors) for c in heads):
+            idx = torch.tensor(rows, device=features.device)
+            f = features.index_select(0, idx)                                               # (n, d)
+            for c in heads:
+                f = c.hidden_one(slots[j].tensors, f)
+            features = features.index_copy(0, idx, f.to(features.dtype))
     groups: dict[int, list[int]] = {}
     for b, j in enumerate(slot_ids):
-        groups.setdefault(slots[j].head_w.shape[0], []).append(b)
+        groups.setdefault(slots[j].tensors[HEAD_W].shape[0], []).append(b)
     out = []
     for rows, members in ((rows, sorted({slot_ids[b] for b in rows})) for rows in groups.values()):
         f = features.index_select(0, torch.tensor(rows, device=features.device))            # (n, d)
         if len(members) == 1:
-            s = slots[members[0]]
-            logits = F.linear(f.to(s.head_w.dtype), s.head_w, s.head_b)                       # (n, C)
+            t = slots[members[0]].tensors
+            logits = F.linear(f.to(t[HEAD_W].dtype), t[HEAD_W], t[HEAD_B])                   # (n, C)
         else:
             local = {j: i for i, j in enumerate(members)}
             sel = torch.tensor([local[slot_ids[b]] for b in rows], device=features.device)  # (n,)
-            w = torch.stack([slots[j].head_w for j in members]).index_select(0, sel)         # (n, C, d)
-            bias = torch.stack([slots[j].head_b for j in members]).index_select(0, sel)      # (n, C)
+            w = torch.stack([slots[j].tensors[HEAD_W] for j in members]).index_select(0, sel)   # (n, C, d)
+            bias = torch.stack([slots[j].tensors[HEAD_B] for j in members]).index_select(0, sel)  # (n, C)
             logits = torch.baddbmm(bias[:, :, None], w, f[:, :, None].to(w.dtype))[:, :, 0]  # (n, C)
         out.append((rows, logits))
     return out
@@ -344,3 +294,8 @@ def forward_grouped(backbone: Backbone, images: Tensor, table: PromptTable, slot
     -> per class count `(rows, logits (n, C))` (see `apply_heads_grouped`)."""
     slot = torch.tensor(slot_ids, dtype=torch.long).to(images.device)                       # (B,)
     return apply_heads_grouped(forward_features(backbone, images, table, slot), slots, slot_ids)
+
+
+__all__ = ["PromptTable", "SlotTensors", "allocate_table", "apply_heads", "apply_heads_grouped", "forward_features",
+           "forward_grouped", "forward_logits", "make_context", "merge_dims", "pack_slots", "slot_bytes",
+           "stack_slots", "task_slot_tensors", "training_table", "write_slot"]

@@ -21,13 +21,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vpt.errors import TrainOptionsError
-from vpt.task import MAX_PROMPTS, METHODS, TaskSpec
+from vpt.errors import TaskSpecError, TrainOptionsError
+from vpt.methods import POOLINGS, head_component, parse_method
+from vpt.task import MAX_PROMPTS, MAX_REDUCTION, TaskSpec, parse_layers
 from vpt.transforms import AUGMENTATIONS
 
 SWEEPS = ("none", "small", "paper")
 MIXED_PRECISION = ("auto", "bf16", "off")
 KEEP = ("best", "last")
+AUTO_METHODS = ["linear", "vpt-shallow", "vpt-deep", "bias", "adapter"]  # method=auto's default candidates
 LR_REFERENCE_BATCH = 256  # lr = base_lr * batch_size / 256 (the paper's linear scaling)
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_MODULE = ROOT / "client" / "vpt_client" / "_train_options.py"
@@ -50,9 +52,19 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
-    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
-        "vpt-deep", description="what learns besides the head: deep prompts (every block), shallow "
-                                "prompts (before block 0), or nothing (linear probe)")
+    method: str = Field(
+        "vpt-deep", description="what learns besides the head: linear (nothing), or +-joined components of "
+                                "vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias); auto trains "
+                                "auto_methods and keeps the best on validation")
+    head: str = Field("linear", description="the head: linear, or mlp-k (k in 2..8: k-1 hidden layers)")
+    pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
+        "cls", description="features the head reads: cls, image_mean, prompt_mean or all_mean")
+    prompt_layers: str | None = Field(None, description="vpt-deep: blocks i-j (inclusive) that get prompts; "
+                                                        "default all")
+    adapter_reduction: int = Field(64, ge=1, le=MAX_REDUCTION,
+                                   description="adapter bottleneck d/r (the paper: 8, 64, 256)")
+    auto_methods: list[str] = Field(default_factory=lambda: list(AUTO_METHODS), min_length=1, max_length=16,
+                                    description="method auto: the candidate methods (comma-separated in a form)")
     num_prompts: int = Field(10, ge=1, le=MAX_PROMPTS, json_schema_extra=_flag("prompts"),
                              description="prompt tokens per layer (ignored for linear)")
     epochs: int = Field(100, ge=1, le=10_000, description="passes over the training images")
@@ -94,6 +106,25 @@ class TrainOptions(BaseModel):
             raise ValueError(f"warmup_epochs: must be at most epochs ({self.epochs}), got {self.warmup_epochs}")
         return self
 
+    @model_validator(mode="after")
+    def _method_fits(self) -> TrainOptions:
+        checks = [("method", lambda: self.method == "auto" or parse_method(self.method)),
+                  ("auto_methods", lambda: [parse_method(m) for m in self.auto_methods]),
+                  ("head", lambda: head_component(self.head)),
+                  ("prompt_layers", lambda: parse_layers(self.prompt_layers))]
+        for name, check in checks:
+            try:
+                check()
+            except TaskSpecError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if self.method == "auto" and self.sweep != "none":
+            raise ValueError("sweep: method auto trains each candidate once; it cannot be combined with a sweep")
+        return self
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return () if self.method == "auto" else parse_method(self.method)
+
     @property
     def lr(self) -> float:
         """The learning rate SGD uses: base_lr scaled linearly by batch_size / 256."""
@@ -105,15 +136,20 @@ class TrainOptions(BaseModel):
 
     @property
     def resolved_prompt_dropout(self) -> float:
-        if self.method == "linear":
+        if not {"vpt-deep", "vpt-shallow"} & set(self.components):
             return 0.0
         if self.prompt_dropout is not None:
             return float(self.prompt_dropout)
-        return 0.1 if self.method == "vpt-deep" else 0.0
+        return 0.1 if "vpt-deep" in self.components else 0.0
 
     def spec(self, classes: Sequence[str]) -> TaskSpec:
-        prompts = 0 if self.method == "linear" else self.num_prompts
-        return TaskSpec(self.method, prompts, tuple(classes), self.resolved_prompt_dropout)
+        """The task this training makes; TrainOptionsError when the options do not fit together."""
+        try:
+            return TaskSpec(self.method, self.num_prompts, tuple(classes), self.resolved_prompt_dropout,
+                            head=self.head, pooling=self.pooling, prompt_layers=parse_layers(self.prompt_layers),
+                            adapter_reduction=self.adapter_reduction)
+        except TaskSpecError as e:
+            raise TrainOptionsError(str(e), field="method") from None
 
     def replace(self, **changes: Any) -> TrainOptions:
         """A copy with `changes`, validated again."""

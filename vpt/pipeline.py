@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from vpt.auto import run_auto
 from vpt.backbone import Backbone
 from vpt.data import ImageDataset, IngestedDataset, IngestLimits, Sample, ingest_archive, split_dataset
 from vpt.feature_map import safe_feature_map
@@ -92,8 +93,12 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
     train_set = ImageDataset(train, train_transform(cfg, options.augmentation))
     val_set = ImageDataset(val, eval_transform(cfg)) if val else None
     started = time.perf_counter()
-    sweep = None
-    if options.sweep != "none":
+    sweep = auto = None
+    if options.method == "auto":
+        auto = run_auto(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel,
+                        step_gate=step_gate)
+        outcome = auto.winner
+    elif options.sweep != "none":
         sweep = run_sweep(backbone, dataset.classes, train_set, val_set, options, on_progress, should_cancel,
                           step_gate=step_gate)
         outcome = sweep.winner
@@ -105,6 +110,7 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
         report = evaluate(backbone, outcome.params, val_set, dataset.classes, outcome.options, should_cancel)
     metrics = training_metrics(outcome, report, time.perf_counter() - started)
     metrics["sweep"] = sweep.to_dict() if sweep is not None else None
+    metrics["auto"] = auto.to_dict() if auto is not None else None
     if val_set is not None:
         metrics["feature_map"] = safe_feature_map(backbone, outcome.params, val_set, dataset.classes,
                                                   seed=options.seed, should_cancel=should_cancel)

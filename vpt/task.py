@@ -1,8 +1,12 @@
-"""Tasks: their spec, their trainable tensors, and the portable task file (safetensors)."""
+"""Tasks: their spec, their trainable tensors, and the portable task file (safetensors).
+
+What each method trains, stores and serves is declared by its component in `vpt.methods`;
+this module only composes them. `vpt-task/1` files (linear, vpt-shallow, vpt-deep with a linear
+head on CLS) keep loading unchanged; anything else is written as `vpt-task/2`.
+"""
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,30 +19,53 @@ from torch import Tensor, nn
 
 from vpt.backbone import Backbone
 from vpt.errors import TaskFileError, TaskSpecError
+from vpt.methods import HEAD_BIAS_INIT, POOLINGS, Build, components_of, head_component, parse_method
 
-METHODS = ("linear", "vpt-shallow", "vpt-deep")
+METHODS = ("linear", "vpt-shallow", "vpt-deep")        # the `vpt-task/1` methods
 FORMAT = "vpt-task/1"
+FORMAT_V2 = "vpt-task/2"
 MAX_PROMPTS = 1024
 MAX_CLASSES = 100_000
+MAX_REDUCTION = 4096
 _FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-HEAD_BIAS_INIT = -math.log(0.99 / 0.01)  # -4.59512, the official head's bias init
+_PROMPTED = {"vpt-shallow", "vpt-deep"}
+
+__all__ = ["FORMAT", "FORMAT_V2", "HEAD_BIAS_INIT", "MAX_CLASSES", "MAX_PROMPTS", "METHODS", "LoadedTask",
+           "TaskParams", "TaskSpec", "load_task_file", "parse_layers", "read_metadata", "save_task_file"]
+
+
+def parse_layers(text: str | None) -> tuple[int, int] | None:
+    """`"i-j"` (inclusive block indices) -> (i, j); None or "" -> None (all blocks)."""
+    if text is None or text == "" or text == "all":
+        return None
+    try:
+        first, last = (int(v) for v in str(text).split("-"))
+    except ValueError:
+        raise TaskSpecError(f"prompt_layers must look like 'i-j' (e.g. '0-5'), got {text!r}") from None
+    if not 0 <= first <= last:
+        raise TaskSpecError(f"prompt_layers must satisfy 0 <= i <= j, got {text!r}")
+    return first, last
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a task is: method, prompt count, class names, prompt dropout (training only)."""
+    """What a task is: method (components), prompt count, class names, head, pooling and their options."""
 
     method: str
     num_prompts: int
     classes: tuple[str, ...]
     prompt_dropout: float = 0.0
+    head: str = "linear"
+    pooling: str = "cls"
+    prompt_layers: tuple[int, int] | None = None
+    adapter_reduction: int = 64
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise TaskSpecError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.method == "linear" and self.num_prompts != 0:
+        object.__setattr__(self, "method", "+".join(parse_method(self.method)) or "linear")
+        prompted = bool(_PROMPTED & set(self.components))
+        if not prompted:
             object.__setattr__(self, "num_prompts", 0)
-        if self.method != "linear" and not 1 <= self.num_prompts <= MAX_PROMPTS:
+        elif not isinstance(self.num_prompts, int) or not 1 <= self.num_prompts <= MAX_PROMPTS:
             raise TaskSpecError(f"num_prompts must be in 1..{MAX_PROMPTS} for {self.method}, got {self.num_prompts}")
         if len(self.classes) < 1 or len(self.classes) > MAX_CLASSES:
             raise TaskSpecError(f"a task needs 1..{MAX_CLASSES} classes, got {len(self.classes)}")
@@ -46,43 +73,110 @@ class TaskSpec:
             raise TaskSpecError("class names must be unique")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise TaskSpecError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if isinstance(self.prompt_layers, str):
+            object.__setattr__(self, "prompt_layers", parse_layers(self.prompt_layers))
+        if self.prompt_layers is not None and "vpt-deep" not in self.components:
+            raise TaskSpecError("prompt_layers applies to vpt-deep only")
+        r = self.adapter_reduction
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_REDUCTION:
+            raise TaskSpecError(f"adapter_reduction must be an integer in 1..{MAX_REDUCTION}, got {r!r}")
+        head_component(self.head)
+        if self.pooling not in POOLINGS:
+            raise TaskSpecError(f"unknown pooling {self.pooling!r}; expected one of {list(POOLINGS)}")
+        self.check(None)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return parse_method(self.method)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def prompt_layers(self, depth: int) -> int:
-        """L_p: rows of the `prompts` tensor (depth for deep, 1 for shallow, 0 for linear)."""
-        return {"linear": 0, "vpt-shallow": 1, "vpt-deep": depth}[self.method]
+    @property
+    def is_v1(self) -> bool:
+        """Expressible as a `vpt-task/1` file."""
+        return (self.method in METHODS and self.head == "linear" and self.pooling == "cls"
+                and self.prompt_layers is None)
+
+    def check(self, backbone: Backbone | None) -> None:
+        """Every component's own checks (with `backbone`: those that depend on its shape)."""
+        for _, comp in components_of(self.components, self.head):
+            comp.check(self, backbone)
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"method": self.method, "num_prompts": str(self.num_prompts)}
+        if not self.is_v1:
+            meta["head"] = self.head
+            meta["pooling"] = self.pooling
+            if self.prompt_layers is not None:
+                meta["prompt_layers"] = f"{self.prompt_layers[0]}-{self.prompt_layers[1]}"
+            if "adapter" in self.components:
+                meta["adapter_reduction"] = str(self.adapter_reduction)
+        return meta
 
 
 class TaskParams(nn.Module):
-    """The trainable part of a task: prompts `(L_p, p, d)` (absent for linear) and a linear head."""
+    """The trainable part of a task: one submodule per component that trains something (`parts`)."""
 
-    def __init__(self, spec: TaskSpec, embed_dim: int, depth: int) -> None:
+    def __init__(self, spec: TaskSpec, backbone: Backbone) -> None:
         super().__init__()
+        spec.check(backbone)
         self.spec = spec
-        layers = spec.prompt_layers(depth)
-        self.prompts = nn.Parameter(torch.zeros(layers, spec.num_prompts, embed_dim)) if layers else None
-        self.head = nn.Linear(embed_dim, spec.num_classes)
+        self.parts = nn.ModuleDict()
+        self._components = components_of(spec.components, spec.head)
+        for key, comp in self._components:
+            module = comp.create(spec, backbone)
+            if module is not None:
+                self.parts[key] = module
 
     @classmethod
     def new(cls, spec: TaskSpec, backbone: Backbone, generator: torch.Generator | None = None) -> TaskParams:
-        """Initialised as the official code does: uniform prompts, kaiming-normal(fan_out) head, bias -4.595."""
-        params = cls(spec, backbone.embed_dim, backbone.depth)
-        with torch.no_grad():
-            if params.prompts is not None:
-                bound = backbone.prompt_init_bound
-                params.prompts.uniform_(-bound, bound, generator=generator)
-            std = math.sqrt(2.0 / spec.num_classes)  # kaiming normal, fan_out = C, gain sqrt(2)
-            params.head.weight.normal_(0.0, std, generator=generator)
-            params.head.bias.fill_(HEAD_BIAS_INIT)
+        """Initialised as each component says (the official init for prompts and heads)."""
+        params = cls(spec, backbone)
+        for key, comp, module in params.components():
+            comp.init(module, spec, backbone, generator)
         return params
 
+    def components(self) -> list[tuple[str, Any, nn.Module | None]]:
+        parts = dict(self.parts.items())
+        return [(key, comp, parts.get(key)) for key, comp in self._components]
+
+    @property
+    def prompts(self) -> nn.Parameter | None:
+        for key in ("vpt-deep", "vpt-shallow"):
+            if key in self.parts:
+                return self.parts[key].prompts
+        return None
+
+    @property
+    def head(self) -> nn.Module:
+        return self.parts["head"]
+
     def num_trainable(self) -> dict[str, int]:
-        prompts = self.prompts.numel() if self.prompts is not None else 0
-        head = self.head.weight.numel() + self.head.bias.numel()
-        return {"prompts": prompts, "head": head, "total": prompts + head}
+        """Trainable values per component (prompts, bias, adapter, partial, head) and their total."""
+        counts: dict[str, int] = {"prompts": 0}
+        for key, comp, module in self.components():
+            if module is not None:
+                name = comp.count_key or comp.name
+                counts[name] = counts.get(name, 0) + sum(p.numel() for p in module.parameters())
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def weight_overrides(self, backbone: Backbone) -> dict[str, Tensor]:
+        """Backbone parameter name -> this task's value, for every weight its components replace."""
+        out: dict[str, Tensor] = {}
+        for _, comp, module in self.components():
+            out.update(comp.weight_overrides(module, backbone))
+        return out
+
+    def slot_tensors(self, backbone: Backbone, samples: int = 1, dropout: float = 0.0) -> dict[str, Tensor]:
+        """Every component's bank tensors, each with a leading rows dim (1, or `samples`)."""
+        build = Build(backbone, self.weight_overrides(backbone), samples, dropout)
+        out: dict[str, Tensor] = {}
+        for _, comp, module in self.components():
+            out.update(comp.slot_tensors(module, self.spec, build))
+        return out
 
 
 @dataclass
@@ -92,26 +186,30 @@ class LoadedTask:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def save_task_file(
-    params: TaskParams, backbone: Backbone, extra: dict[str, Any] | None = None
-) -> bytes:
+def save_task_file(params: TaskParams, backbone: Backbone, extra: dict[str, Any] | None = None) -> bytes:
     """The portable task file: safetensors tensors + string metadata (see DESIGN.md)."""
     spec = params.spec
-    tensors = {
-        "head.weight": params.head.weight.detach().float().cpu().contiguous(),
-        "head.bias": params.head.bias.detach().float().cpu().contiguous(),
-    }
-    if params.prompts is not None:
-        tensors["prompts"] = params.prompts.detach().float().cpu().contiguous()
+    tensors: dict[str, Tensor] = {}
+    for _, comp, module in params.components():
+        for name, t in comp.to_file(module).items():
+            tensors[name] = t.detach().float().cpu().contiguous()
     meta = {
-        "format": FORMAT, "method": spec.method, "num_prompts": str(spec.num_prompts),
+        "format": FORMAT if spec.is_v1 else FORMAT_V2, **spec.metadata(),
         "classes": json.dumps(list(spec.classes)), "prompt_dropout": repr(spec.prompt_dropout),
         "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint,
         "created_at": repr(time.time()),
+        "trainable_parameters": str(params.num_trainable()["total"]),
+        "bank_values": str(bank_values(params, backbone)),
     }
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return st_save(tensors, metadata=meta)
+
+
+def bank_values(params: TaskParams, backbone: Backbone) -> int:
+    """Scalars the bank holds for this task (times the serving dtype's size = its bank bytes)."""
+    with torch.inference_mode():
+        return sum(t[0].numel() for t in params.slot_tensors(backbone).values())
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:
@@ -132,28 +230,35 @@ def read_metadata(blob: bytes) -> dict[str, str]:
 
 
 def _spec_from_metadata(meta: dict[str, str]) -> TaskSpec:
-    if meta.get("format") != FORMAT:
-        raise TaskFileError(f"unsupported task file format {meta.get('format')!r}; expected {FORMAT!r}")
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, FORMAT_V2):
+        raise TaskFileError(f"unsupported task file format {fmt!r}; expected {FORMAT!r} or {FORMAT_V2!r}")
     try:
         classes = json.loads(meta["classes"])
         num_prompts = int(meta.get("num_prompts", "0"))
         dropout = float(meta.get("prompt_dropout", "0.0"))
         method = meta["method"]
+        options = {"head": meta.get("head", "linear"), "pooling": meta.get("pooling", "cls"),
+                   "prompt_layers": meta.get("prompt_layers"),
+                   "adapter_reduction": int(meta.get("adapter_reduction", "64"))}
     except KeyError as e:
         raise TaskFileError(f"task file metadata lacks {e.args[0]!r}") from e
     except (ValueError, json.JSONDecodeError, RecursionError) as e:
         raise TaskFileError(f"task file metadata is malformed: {type(e).__name__}") from e
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise TaskFileError("task file metadata 'classes' must be a JSON list of strings")
+    if fmt == FORMAT and method not in METHODS:
+        raise TaskFileError(f"a {FORMAT} file holds one of {list(METHODS)}, not {method!r}")
     try:
-        return TaskSpec(method=method, num_prompts=num_prompts, classes=tuple(classes), prompt_dropout=dropout)
+        if fmt == FORMAT:
+            options = {}
+        return TaskSpec(method=method, num_prompts=num_prompts, classes=tuple(classes), prompt_dropout=dropout,
+                        **options)
     except TaskSpecError as e:
         raise TaskFileError(f"task file spec is invalid: {e}") from e
 
 
 def _check_tensor(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
-    if name not in tensors:
-        raise TaskFileError(f"task file lacks tensor {name!r}")
     t = tensors[name]
     if tuple(t.shape) != shape:
         raise TaskFileError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
@@ -177,15 +282,21 @@ def load_task_file(blob: bytes, backbone: Backbone, *, check_fingerprint: bool =
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise TaskFileError(f"task file tensors cannot be read: {e}") from e
-    d, layers = backbone.embed_dim, spec.prompt_layers(backbone.depth)
-    expected = {"head.weight", "head.bias"} | ({"prompts"} if layers else set())
-    if set(tensors) != expected:
-        raise TaskFileError(f"task file tensors are {sorted(tensors)}, expected {sorted(expected)}")
-    params = TaskParams(spec, d, backbone.depth)
+    try:
+        params = TaskParams(spec, backbone)
+    except TaskSpecError as e:
+        raise TaskFileError(f"task file spec does not fit the backbone: {e}") from e
+    parts = params.components()
+    expected = {n: s for _, comp, _ in parts for n, s in comp.file_shapes(spec, backbone).items()}
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise TaskFileError(f"task file tensors do not fit method {spec.method!r} (head {spec.head}): "
+                            f"missing {missing[:6]}, unexpected {extra[:6]}")
+    checked = {n: _check_tensor(tensors, n, s) for n, s in expected.items()}
     with torch.no_grad():
-        params.head.weight.copy_(_check_tensor(tensors, "head.weight", (spec.num_classes, d)))
-        params.head.bias.copy_(_check_tensor(tensors, "head.bias", (spec.num_classes,)))
-        if layers:
-            params.prompts.copy_(_check_tensor(tensors, "prompts", (layers, spec.num_prompts, d)))
+        for _, comp, module in parts:
+            comp.from_file(module, checked)
     params.requires_grad_(False)
     return LoadedTask(spec=spec, params=params, metadata=meta)
+
+

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.backbone import Backbone
 from vpt.engine import forward_logits, training_table
-from vpt.errors import TrainingError, TrainOptionsError
+from vpt.errors import TaskSpecError, TrainingError, TrainOptionsError
 from vpt.metrics import accuracy
 from vpt.options import KEEP, LR_REFERENCE_BATCH, MIXED_PRECISION, SWEEPS, TrainOptions  # noqa: F401
 from vpt.task import TaskParams
@@ -83,6 +83,8 @@ class ProgressEvent:
     fraction: float
     base_lr: float
     weight_decay: float
+    method: str | None = None          # the candidate being trained, under method=auto
+    leaderboard: list[dict[str, Any]] | None = None   # method=auto: candidates finished so far
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +102,8 @@ class Progress:
         self.runs, self.steps_per_run, self.on_progress = runs, steps_per_run, on_progress
         self.run = 1
         self.done = 0
+        self.method: str | None = None
+        self.leaderboard: list[dict[str, Any]] | None = None
         self.started = time.perf_counter()
 
     def emit(self, **fields: Any) -> None:
@@ -109,7 +113,8 @@ class Progress:
         eta = elapsed / self.done * (total - self.done) if self.done else None
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(run=self.run, runs=self.runs, steps=self.steps_per_run, eta_s=eta,
-                                           fraction=self.done / total, **fields))
+                                           fraction=self.done / total, method=self.method,
+                                           leaderboard=self.leaderboard, **fields))
 
 
 @dataclass
@@ -142,10 +147,11 @@ def amp_enabled(options: TrainOptions, device: torch.device) -> bool:
 
 
 def make_optimizer(params: TaskParams, options: TrainOptions) -> torch.optim.SGD:
-    """SGD, momentum 0.9; weight decay on prompts and head weight, none on the head bias."""
-    decayed = [p for name, p in params.named_parameters() if name != "head.bias"]
+    """SGD, momentum 0.9; weight decay on every trainable tensor but the head's last bias (as the official code)."""
+    exempt = [p for _, comp, module in params.components() if module is not None for p in comp.no_decay(module)]
+    decayed = [p for p in params.parameters() if all(p is not q for q in exempt)]
     groups = [{"params": decayed, "weight_decay": options.weight_decay},
-              {"params": [params.head.bias], "weight_decay": 0.0}]
+              {"params": exempt, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=options.lr, momentum=MOMENTUM)
 
 
@@ -197,7 +203,10 @@ def _train_step(backbone: Backbone, params: TaskParams, optimizer: torch.optim.S
 def _check_gradients(params: TaskParams) -> None:
     """The frozen path must carry gradients to every trainable tensor. A forward-only attention
     kernel cuts them silently: deep prompts get no gradient, shallow prompts an all-zero one."""
-    missing = [name for name, p in params.named_parameters() if p.grad is None or not bool(p.grad.any())]
+    may_be_zero = [p for _, comp, module in params.components() if module is not None
+                   for p in comp.zero_grad_ok(module)]
+    missing = [name for name, p in params.named_parameters()
+               if p.grad is None or (not bool(p.grad.any()) and all(p is not q for q in may_be_zero))]
     if missing:
         raise TrainingError(f"no gradient reached {missing}; the attention backend in use has no backward "
                             "pass (use the torch backend for training)", code="no_gradient")
@@ -223,7 +232,10 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
     rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(options.seed)  # prompt dropout and augmentation draw from the global generator
-        params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
+        try:
+            params = TaskParams.new(spec, backbone, generator=torch.Generator().manual_seed(options.seed)).to(dev)
+        except TaskSpecError as e:
+            raise TrainOptionsError(str(e), field="method") from None
         optimizer = make_optimizer(params, options)
         shuffle = torch.Generator().manual_seed(options.seed + 1)
         loader = make_loader(train_set, options.batch_size, True, shuffle, options, dev)

@@ -10,7 +10,12 @@ from typing import Any, Literal, TypedDict
 class TrainOptions(TypedDict, total=False):
     """Training options, sent as form fields; the server fills in what is left out."""
 
-    method: Literal['linear', 'vpt-shallow', 'vpt-deep']
+    method: str
+    head: str
+    pooling: Literal['cls', 'image_mean', 'prompt_mean', 'all_mean']
+    prompt_layers: str
+    adapter_reduction: int
+    auto_methods: list[str]
     num_prompts: int
     epochs: int
     batch_size: int
@@ -29,11 +34,35 @@ class TrainOptions(TypedDict, total=False):
 
 FIELDS: dict[str, dict[str, Any]] = {
     'method': {'default': 'vpt-deep',
-               'description': 'what learns besides the head: deep prompts (every block), shallow prompts '
-                              '(before block 0), or nothing (linear probe)',
-               'enum': ['linear', 'vpt-shallow', 'vpt-deep'],
+               'description': 'what learns besides the head: linear (nothing), or +-joined components of '
+                              'vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias); auto '
+                              'trains auto_methods and keeps the best on validation',
                'type': 'string',
                'x-flag': 'method'},
+    'head': {'default': 'linear',
+             'description': 'the head: linear, or mlp-k (k in 2..8: k-1 hidden layers)',
+             'type': 'string',
+             'x-flag': 'head'},
+    'pooling': {'default': 'cls',
+                'description': 'features the head reads: cls, image_mean, prompt_mean or all_mean',
+                'enum': ['cls', 'image_mean', 'prompt_mean', 'all_mean'],
+                'type': 'string',
+                'x-flag': 'pooling'},
+    'prompt_layers': {'description': 'vpt-deep: blocks i-j (inclusive) that get prompts; default all',
+                      'type': 'string',
+                      'x-flag': 'prompt_layers'},
+    'adapter_reduction': {'default': 64,
+                          'description': 'adapter bottleneck d/r (the paper: 8, 64, 256)',
+                          'maximum': 4096,
+                          'minimum': 1,
+                          'type': 'integer',
+                          'x-flag': 'adapter_reduction'},
+    'auto_methods': {'description': 'method auto: the candidate methods (comma-separated in a form)',
+                     'items': {'type': 'string'},
+                     'maxItems': 16,
+                     'minItems': 1,
+                     'type': 'array',
+                     'x-flag': 'auto_methods'},
     'num_prompts': {'default': 10,
                     'description': 'prompt tokens per layer (ignored for linear)',
                     'maximum': 1024,

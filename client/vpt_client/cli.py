@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "integer": int, "number": float, "string": str,
+    "array": lambda v: [s.strip() for s in v.split(",") if s.strip()],   # comma-separated
+}
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:

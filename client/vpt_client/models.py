@@ -24,6 +24,10 @@ class Task(_Model):
     num_versions: int = 0
     method: str | None = None
     num_prompts: int | None = None
+    head: str | None = None
+    pooling: str | None = None
+    trainable_parameters: int | None = None
+    bank_bytes: int | None = None
     classes: list[str] = Field(default_factory=list)
     backbone: str | None = None
     backbone_fingerprint: str | None = None
@@ -39,6 +43,10 @@ class Version(_Model):
     created_at: datetime | None = None
     method: str | None = None
     num_prompts: int | None = None
+    head: str | None = None
+    pooling: str | None = None
+    trainable_parameters: int | None = None
+    bank_bytes: int | None = None
     classes: list[str] = Field(default_factory=list)
     size_bytes: int | None = None
     metrics: dict[str, Any] | None = None
@@ -55,6 +63,8 @@ class JobProgress(_Model):
     eta_s: float | None = None
     val_acc: float | None = None
     fraction: float | None = None
+    method: str | None = None
+    leaderboard: list[dict[str, Any]] | None = None
 
 
 class JobError(_Model):

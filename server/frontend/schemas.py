@@ -28,6 +28,10 @@ class VersionOut(BaseModel):
     method: str = Field(examples=["vpt-deep"])
     num_prompts: int = Field(examples=[10])
     classes: list[str] = Field(examples=[["daisy", "rose", "tulip"]])
+    head: str = Field("linear", examples=["linear", "mlp-3"])
+    pooling: str = Field("cls", examples=["cls"])
+    trainable_parameters: int | None = Field(None, description="values the method trains (head included)")
+    bank_bytes: int | None = Field(None, description="bytes this task takes in the serving bank")
     size_bytes: int
     metrics: dict[str, Any] | None = Field(
         None, description="training facts: val_accuracy, per_class_accuracy, confusion_matrix, epochs, ...; "
@@ -46,6 +50,10 @@ class TaskOut(BaseModel):
     backbone_fingerprint: str
     created_at: float
     updated_at: float
+    head: str = Field("linear", examples=["linear", "mlp-3"])
+    pooling: str = Field("cls", examples=["cls"])
+    trainable_parameters: int | None = Field(None, description="values the method trains (head included)")
+    bank_bytes: int | None = Field(None, description="bytes this task takes in the serving bank")
     size_bytes: int
     metrics: dict[str, Any] | None = None
 
@@ -160,18 +168,35 @@ def _summary_metrics(meta: dict[str, str], full: bool = False) -> dict[str, Any]
     return metrics if full else summary(metrics)
 
 
-def version_out(v: TaskVersion, current: int, full: bool = False) -> VersionOut:
+def _int_field(meta: dict[str, str], key: str) -> int | None:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def method_fields(meta: dict[str, str], element_size: int) -> dict[str, Any]:
+    """Head, pooling, trainable parameters and bank bytes (at the serving dtype) of a task file's metadata."""
+    values = _int_field(meta, "bank_values")
+    return {"head": meta.get("head", "linear"), "pooling": meta.get("pooling", "cls"),
+            "trainable_parameters": _int_field(meta, "trainable_parameters"),
+            "bank_bytes": values * element_size if values is not None else None}
+
+
+def version_out(v: TaskVersion, current: int, full: bool = False, element_size: int = 4) -> VersionOut:
     """A version; `full` keeps every metrics entry (the feature map too)."""
     m = v.metadata
     return VersionOut(version=v.version, current=v.version == current, created_at=v.created_at,
+                      **method_fields(m, element_size),
                       method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
                       classes=_json_field(m, "classes", []), size_bytes=v.size_bytes,
                       metrics=_summary_metrics(m, full), training=_dict_field(m, "training"))
 
 
-def task_out(info: TaskInfo) -> TaskOut:
+def task_out(info: TaskInfo, element_size: int = 4) -> TaskOut:
     m = info.current.metadata
     return TaskOut(task_id=info.task_id, current_version=info.current_version, num_versions=info.num_versions,
+                   **method_fields(m, element_size),
                    method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
                    classes=_json_field(m, "classes", []), backbone=m.get("backbone", ""),
                    backbone_fingerprint=m.get("backbone_fingerprint", ""), created_at=info.created_at,

@@ -48,7 +48,7 @@ def test_mixed_batch_triton_equals_torch(backbone: Backbone, backend) -> None:
         want = forward_logits(backbone, images, table, slot)
         backend("triton")
         got = forward_logits(backbone, images, table, slot)
-        table.deep_len.zero_()  # same heads, no deep prompts
+        table.tensors['deep_len'].zero_()  # same heads, no deep prompts
         no_deep = forward_logits(backbone, images, table, slot)
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got))

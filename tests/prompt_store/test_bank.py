@@ -5,13 +5,18 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 
 from prompt_store.bank import BankFull, PromptBank, TaskUnservable
 from prompt_store.local import LocalStore
 from prompt_store.records import ChangeEvent
-from vpt.backbone import Backbone
-from vpt.engine import deep_prompt_kv, forward_grouped
-from vpt.task import TaskParams, TaskSpec, read_metadata, save_task_file
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.vpt.reference_methods import reference_logits
+from tests.vpt.test_methods import TASKS, make_spec, randomised
+from vpt.backbone import Backbone, load_backbone
+from vpt.blocks import prompt_kv
+from vpt.engine import forward_grouped
+from vpt.task import TaskParams, TaskSpec, load_task_file, read_metadata, save_task_file
 
 TENANT = "acme"
 
@@ -43,13 +48,12 @@ def test_loaded_kv_equal_the_engines_own_computation(store: LocalStore, tiny_bac
     store.put_task(TENANT, "t", blob, read_metadata(blob))
     bank = PromptBank(tiny_backbone, store, 10_000_000)
     lease = bank.acquire(TENANT, ["t"])
-    from vpt.task import load_task_file
-
     params = load_task_file(blob, tiny_backbone).params
-    k, v = deep_prompt_kv(tiny_backbone, params.prompts[None])
+    kv = [prompt_kv(blk, params.prompts[i][None]) for i, blk in enumerate(tiny_backbone.model.blocks)]
     s = lease.tasks[0].slot
-    torch.testing.assert_close(lease.table.deep_k[:, s, :, :5], k[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(lease.table.deep_v[:, s, :, :5], v[:, 0], rtol=0, atol=0)
+    table = lease.table.tensors                                              # deep_k: (S, L, H, P, hd)
+    torch.testing.assert_close(table["deep_k"][s, :, :, :5], torch.stack([k[0] for k, _ in kv]), rtol=0, atol=0)
+    torch.testing.assert_close(table["deep_v"][s, :, :, :5], torch.stack([v[0] for _, v in kv]), rtol=0, atol=0)
     assert lease.table.num_classes[s] == 3 and lease.tasks[0].classes == ("c0", "c1", "c2")
     bank.release(lease)
     bank.close()
@@ -99,7 +103,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     slot = lease.slot_ids([0, 1])
     with torch.inference_mode():
         before = forward_grouped(tiny_backbone, images, lease.table, lease.slots, slot)[0][1]
-    snapshot = lease.table.deep_k[:, lease.tasks[0].slot].clone()
+    snapshot = lease.table.tensors['deep_k'][lease.tasks[0].slot].clone()
     # a new version, wider (more prompts and classes: the table grows), lands while the batch runs
     v2 = put(store, tiny_backbone, "t", p=9, classes=5, seed=2)
     deadline = time.monotonic() + 2
@@ -113,7 +117,7 @@ def test_hot_swap_never_changes_an_in_flight_batch(store: LocalStore, tiny_backb
     with torch.inference_mode():
         after = forward_grouped(tiny_backbone, images, lease.table, lease.slots, slot)[0][1]
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    torch.testing.assert_close(lease.table.deep_k[:, lease.tasks[0].slot], snapshot, rtol=0, atol=0)
+    torch.testing.assert_close(lease.table.tensors['deep_k'][lease.tasks[0].slot], snapshot, rtol=0, atol=0)
     bank.release(lease)
     assert [k.version for k in bank.resident()] == [v2]   # the old version is freed once unpinned
     bank.release(new)
@@ -139,8 +143,8 @@ def test_mixed_methods_share_one_batch(store: LocalStore, tiny_backbone: Backbon
     lease = bank.acquire(TENANT, ["deep", "shallow", "lin"])
     t = lease.table
     assert [int(t.num_classes[r.slot]) for r in lease.tasks] == [4, 2, 7]
-    assert [int(t.deep_len[r.slot]) for r in lease.tasks] == [6, 0, 0]
-    assert [int(t.shallow_len[r.slot]) for r in lease.tasks] == [0, 3, 0]
+    assert [int(t.tensors['deep_len'][r.slot].max()) for r in lease.tasks] == [6, 0, 0]
+    assert [int(t.lengths['shallow'][r.slot]) for r in lease.tasks] == [0, 3, 0]
     with torch.inference_mode():
         groups = forward_grouped(tiny_backbone, torch.randn(3, 3, 32, 32), t, lease.slots, lease.slot_ids([0, 1, 2]))
     assert sorted((rows, tuple(logits.shape)) for rows, logits in groups) == [([0], (1, 4)), ([1], (1, 2)),
@@ -234,3 +238,28 @@ def test_a_publish_reaches_another_replicas_bank_quickly(redis_fresh_url: str, t
     bank.close()
     writer.close()
     reader.close()
+
+
+def test_bank_serves_a_batch_mixing_every_method_exactly(store: LocalStore) -> None:
+    """Every method's slot tensors travel through the store and the bank into one mixed batch."""
+    torch.manual_seed(0)
+    bb = load_backbone(TINY_NAME, pretrained=False, model_kwargs=TINY_KWARGS, dtype=torch.float64)
+    names = []
+    for i, t in enumerate(TASKS):
+        blob = save_task_file(randomised(bb, make_spec(*t), seed=i), bb)
+        store.put_task(TENANT, f"t{i}", blob, read_metadata(blob))
+        names.append(f"t{i}")
+    bank = PromptBank(bb, store, 10**9, subscribe=False)
+    lease = bank.acquire(TENANT, names + names[:3])
+    order = list(range(len(names) + 3))
+    images = torch.randn(len(order), 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        groups = forward_grouped(bb, images, lease.table, lease.slots, lease.slot_ids(order))
+        assert sorted(r for rows, _ in groups for r in rows) == order
+        for rows, logits in groups:
+            for r, row in zip(rows, logits):
+                blob = store.get_task(TENANT, names[r % len(names)], 1)[1]
+                spec = load_task_file(blob, bb).spec
+                files = {k: v.double() for k, v in st_load(blob).items()}
+                torch.testing.assert_close(row, reference_logits(bb, images[r], spec, files), rtol=0, atol=1e-10)
+    bank.release(lease)

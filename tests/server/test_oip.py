@@ -13,7 +13,6 @@ from tritonclient.utils import InferenceServerException
 
 from tests.server.conftest import OIP_KEY_A, OIP_KEY_B, OipServer
 from tests.server.helpers import backbone_for, constant_task, png
-from vpt.transforms import eval_transform
 
 
 def alpha() -> dict[str, str]:  # a fresh dict per call: tritonclient writes its own headers into it
@@ -43,10 +42,13 @@ def photos(n: int, seed: int = 0) -> list[bytes]:
 def preprocessed(bb, files: list[bytes]) -> np.ndarray:
     """(N, 3, H, W) float32 exactly as the server would preprocess the files."""
     from server.frontend.images import ImageDecoder
+    from vpt.preprocess import Preprocessor
 
-    decoder = ImageDecoder(eval_transform(bb.data_config), max_pixels=10**8)
+    pre = Preprocessor(bb.data_config)
+    decoder = ImageDecoder(max_pixels=10**8, min_side=pre.min_side)
     try:
-        return decoder.decode_all([(f, f"#{i}") for i, f in enumerate(files)]).numpy()
+        decoded = decoder.decode_all([(f, f"#{i}") for i, f in enumerate(files)])
+        return pre([torch.from_numpy(a.copy()) for a in decoded]).numpy()
     finally:
         decoder.close()
 

@@ -132,18 +132,19 @@ def test_gradients_reach_prompts_and_head_only_and_match_finite_differences(meth
 def test_per_sample_prompt_dropout_in_training(bb64: Backbone) -> None:
     params = make_task(bb64, "vpt-deep", 4, 3, seed=2).double()
     table, slot = training_table(bb64, params, 5, dropout=0.5, training=True)
-    assert table.deep_k.shape[1] == 5 and slot.tolist() == [0, 1, 2, 3, 4]
-    assert not torch.equal(table.deep_k[:, 0], table.deep_k[:, 1])  # each sample its own mask
+    deep_k = table.tensors["deep_k"]                                   # (S, L, H, p, hd)
+    assert deep_k.shape[0] == 5 and slot.tolist() == [0, 1, 2, 3, 4]
+    assert not torch.equal(deep_k[0], deep_k[1])  # each sample its own mask
     table_eval, slot_eval = training_table(bb64, params, 5, dropout=0.5, training=False)
-    assert table_eval.deep_k.shape[1] == 1 and slot_eval.tolist() == [0] * 5
+    assert table_eval.tensors["deep_k"].shape[0] == 1 and slot_eval.tolist() == [0] * 5
 
 
 def test_training_table_equals_bank_tensors(bb64: Backbone) -> None:
     params = make_task(bb64, "vpt-deep", 6, 3, seed=4)
     table, _ = training_table(bb64, params.double(), 1, dropout=0.0, training=False)
     bank = task_slot_tensors(bb64, params)
-    torch.testing.assert_close(table.deep_k[:, 0].detach(), bank.deep_k, rtol=0, atol=1e-12)
-    torch.testing.assert_close(table.deep_v[:, 0].detach(), bank.deep_v, rtol=0, atol=1e-12)
+    for name in ("deep_k", "deep_v"):
+        torch.testing.assert_close(table.tensors[name][0].detach(), bank.tensors[name], rtol=0, atol=1e-12)
 
 
 def test_float32_engine_close_to_float64(tiny_backbone: Backbone, bb64: Backbone) -> None:

@@ -18,15 +18,31 @@ def spec(method: str = "vpt-deep", p: int = 4, classes: int = 3) -> TaskSpec:
     return TaskSpec(method=method, num_prompts=p, classes=tuple(f"class {i}" for i in range(classes)))
 
 
-def test_parameter_accounting_vit_b16() -> None:
-    deep = TaskParams(spec("vpt-deep", 50, 10), embed_dim=768, depth=12).num_trainable()
-    shallow = TaskParams(spec("vpt-shallow", 50, 10), embed_dim=768, depth=12).num_trainable()
-    linear = TaskParams(spec("linear", 0, 10), embed_dim=768, depth=12).num_trainable()
-    assert deep["prompts"] == 460_800
-    assert shallow["prompts"] == 38_400
-    assert linear["prompts"] == 0 and linear["head"] == 768 * 10 + 10
+@pytest.fixture(scope="module")
+def vit_b16() -> Backbone:
+    """timm's ViT-B/16 with random weights (shapes are all that counting needs)."""
+    return load_backbone("vit_base_patch16_224", pretrained=False)
+
+
+def test_parameter_accounting_vit_b16(vit_b16: Backbone) -> None:
+    def count(method: str, p: int = 0, classes: int = 10, **kw) -> dict[str, int]:
+        return TaskParams(TaskSpec(method, p, tuple(f"c{i}" for i in range(classes)), **kw), vit_b16).num_trainable()
+
+    head = 768 * 10 + 10
+    assert count("vpt-deep", 50)["prompts"] == 460_800
+    assert count("vpt-shallow", 50)["prompts"] == 38_400
+    linear = count("linear")
+    assert linear["prompts"] == 0 and linear["head"] == head and linear["total"] == head
     # the official demo's count: deep p=100 on ViT-B plus a 6-class head
-    assert TaskParams(spec("vpt-deep", 100, 6), 768, 12).num_trainable()["total"] == 926_214
+    assert count("vpt-deep", 100, classes=6)["total"] == 926_214
+    # every backbone parameter ending in `bias`: patch embedding, 12 x (norm1, qkv, proj, norm2, fc1, fc2), norm
+    assert count("bias")["bias"] == 768 + 12 * (768 + 2304 + 768 + 768 + 3072 + 768) + 768 == 102_912
+    assert count("adapter", adapter_reduction=64)["adapter"] == 230_544
+    assert count("adapter", adapter_reduction=8)["adapter"] == 12 * (2 * 96 * 768 + 96 + 768)
+    assert count("linear", head="mlp-3")["head"] == 1_184_256 + head   # 2 x (Linear 768x768 + BatchNorm)
+    assert count("partial-1")["partial"] == 7_089_408
+    both = count("vpt-deep+bias", 10)
+    assert both["total"] == 12 * 10 * 768 + 102_912 + head
 
 
 def test_official_initialisation(tiny_backbone: Backbone) -> None:

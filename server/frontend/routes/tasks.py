@@ -19,13 +19,22 @@ from server.frontend.schemas import (
     task_out,
     version_out,
 )
+from vpt.backbone import parse_dtype
 from vpt.errors import TaskFileError
-from vpt.task import load_task_file, read_metadata
+from vpt.task import bank_values, load_task_file, read_metadata
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
 
 MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not even fit in a file name
+
+
+def _element_size(state: State) -> int:
+    """Bytes per bank value at the serving dtype."""
+    dtype = getattr(state.backbone, "dtype", None)   # a front end without the engine knows the facts only
+    if dtype is None:
+        dtype = parse_dtype(str(state.backbone.describe().get("dtype", "float32")))
+    return dtype.itemsize
 
 
 def _version(task_id: str, version: int | None) -> int | None:
@@ -37,12 +46,12 @@ def _version(task_id: str, version: int | None) -> int | None:
 
 @router.get("/tasks", response_model=TaskList)
 def list_tasks(state: State, tenant: Tenant) -> TaskList:
-    return TaskList(tasks=[task_out(i) for i in state.store.list_tasks(tenant)])
+    return TaskList(tasks=[task_out(i, _element_size(state)) for i in state.store.list_tasks(tenant)])
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut)
 def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
-    return task_out(state.store.get_info(tenant, validate_id(task_id)))
+    return task_out(state.store.get_info(tenant, validate_id(task_id)), _element_size(state))
 
 
 @router.delete("/tasks/{task_id}", status_code=204)
@@ -58,7 +67,7 @@ def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
 def list_versions(task_id: str, state: State, tenant: Tenant) -> VersionList:
     info = state.store.get_info(tenant, validate_id(task_id))
     versions = state.store.list_versions(tenant, task_id)
-    return VersionList(versions=[version_out(v, info.current_version) for v in versions])
+    return VersionList(versions=[version_out(v, info.current_version, element_size=_element_size(state)) for v in versions])
 
 
 @router.get("/tasks/{task_id}/versions/{version}", response_model=VersionOut)
@@ -66,7 +75,7 @@ def get_version(task_id: str, version: int, state: State, tenant: Tenant) -> Ver
     """One version with all its metrics, the feature map (t-SNE of CLS features) included."""
     info = state.store.get_info(tenant, validate_id(task_id))
     record, _ = state.store.get_task(tenant, task_id, _version(task_id, version))
-    return version_out(record, info.current_version, full=True)
+    return version_out(record, info.current_version, full=True, element_size=_element_size(state))
 
 
 @router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut)
@@ -75,7 +84,7 @@ def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOu
     _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
     _check_servable(blob, state)
     state.store.activate(tenant, task_id, version)
-    return task_out(state.store.get_info(tenant, task_id))
+    return task_out(state.store.get_info(tenant, task_id), _element_size(state))
 
 
 @router.get("/tasks/{task_id}/export", response_class=Response,
@@ -100,7 +109,7 @@ async def import_task(task_id: str, request: Request, state: State, tenant: Tena
         raise ApiError(400, "bad_request", "the request body must be a task file")
     meta = await run_in_threadpool(_check_servable, blob, state)
     info = await run_in_threadpool(_put, state, tenant, task_id, blob, meta)
-    return task_out(info)
+    return task_out(info, _element_size(state))
 
 
 def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):
@@ -111,8 +120,11 @@ def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, s
 def _check_servable(blob: bytes, state: State) -> dict[str, str]:
     """The file's metadata if this backbone can serve it and the API can show it; 422 otherwise."""
     try:
-        spec = load_task_file(blob, state.backbone).spec
-        meta = read_metadata(blob)
+        loaded = load_task_file(blob, state.backbone)
+        spec, meta = loaded.spec, read_metadata(blob)
+        if hasattr(state.backbone, "model"):   # the record shows what this server computes, not the file's claim
+            meta["trainable_parameters"] = str(loaded.params.num_trainable()["total"])
+            meta["bank_values"] = str(bank_values(loaded.params, state.backbone))
     except TaskFileError as e:
         raise ApiError(422, e.code, e.message) from e
     except Exception as e:  # untrusted bytes: whatever else the parsers meet is the file's fault too

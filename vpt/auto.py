@@ -1,0 +1,77 @@
+"""`method=auto`: train every candidate method with the same budget, keep the best on validation.
+
+Each candidate runs the same options (epochs, batch size, lr, seed, so the same batch order)
+with only its method changed; the score is the candidate's kept epoch's validation accuracy.
+Ties go to the cheaper candidate (fewer trainable parameters), then to the earlier one in the list.
+The leaderboard (method, val accuracy, trainable parameters, train time) goes into the version's
+metrics and every progress event.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from vpt.backbone import Backbone
+from vpt.train import (
+    CancelFn,
+    Progress,
+    ProgressFn,
+    StepGate,
+    TrainingDiverged,
+    TrainOptions,
+    TrainOptionsError,
+    TrainOutcome,
+    total_steps,
+    train_task,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AutoResult:
+    winner: TrainOutcome
+    leaderboard: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidates": [row["method"] for row in self.leaderboard], "leaderboard": self.leaderboard,
+                "winner": self.winner.params.spec.method}
+
+
+def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val_set: Dataset | None,
+             options: TrainOptions, on_progress: ProgressFn | None = None,
+             should_cancel: CancelFn | None = None, step_gate: StepGate | None = None) -> AutoResult:
+    """Train each of `options.auto_methods`; the best validation accuracy wins."""
+    if not val_set:
+        raise TrainOptionsError("method auto: picking a method needs validation images; set val_fraction > 0 "
+                                "or give the dataset a val split", field="method")
+    candidates = list(dict.fromkeys(options.auto_methods))
+    progress = Progress(len(candidates), total_steps(len(train_set), options), on_progress)
+    progress.leaderboard = []
+    best: tuple[tuple[float, int, int], TrainOutcome] | None = None
+    for i, method in enumerate(candidates, start=1):
+        progress.run, progress.method = i, method
+        run_options = options.replace(method=method)
+        try:
+            outcome = train_task(backbone, classes, train_set, val_set, run_options, should_cancel=should_cancel,
+                                 progress=progress, step_gate=step_gate)
+        except TrainingDiverged as e:
+            log.info("auto: %s diverged: %s", method, e.message)
+            progress.leaderboard.append({"method": method, "val_accuracy": None, "trainable_parameters": None,
+                                         "train_time_s": None, "diverged": True})
+            continue
+        params = outcome.params.num_trainable()["total"]
+        acc = float(outcome.best_val_acc or 0.0)
+        progress.leaderboard.append({"method": method, "val_accuracy": acc, "trainable_parameters": params,
+                                     "train_time_s": round(outcome.seconds, 3), "diverged": False})
+        log.info("auto %d/%d: %s -> val acc %.4f (%d trainable)", i, len(candidates), method, acc, params)
+        key = (-acc, params, i)
+        if best is None or key < best[0]:
+            best = (key, outcome)
+    if best is None:
+        raise TrainingDiverged(f"every candidate of method auto diverged ({candidates}); try a smaller learning rate")
+    return AutoResult(winner=best[1], leaderboard=progress.leaderboard)

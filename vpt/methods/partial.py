@@ -1,0 +1,89 @@
+"""Partial-1: the last block and the final norm tuned per task (the paper's Partial-1).
+
+Served by running the shared blocks for the whole mixed batch, then the last block and the final
+norm once per task that replaces them (and once, with the backbone's weights, for the rest). The
+bank holds the replaced weights as one flat vector per task (7.1 M values for ViT-B).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from vpt.blocks import BLOCK_PARAMS
+from vpt.errors import TaskSpecError
+from vpt.methods.base import Build, Component, Field
+from vpt.methods.bias import FlatParams
+
+if TYPE_CHECKING:
+    from vpt.backbone import Backbone
+    from vpt.methods.context import BatchContext
+    from vpt.task import TaskSpec
+
+
+def partial_names(backbone: Backbone) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of the last block and the final norm."""
+    last = f"blocks.{backbone.depth - 1}."
+    return [(n, tuple(p.shape)) for n, p in backbone.model.named_parameters()
+            if n.startswith((last, "norm."))]
+
+
+class Partial1(Component):
+    name = "partial-1"
+    count_key = "partial"
+    fields = (Field("partial", length_dim=0),)
+
+    def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
+        if "bias" in spec.components:
+            raise TaskSpecError("partial-1 already tunes the last block's biases; it cannot be combined with bias")
+        if backbone is None:
+            return
+        last = f"blocks.{backbone.depth - 1}."
+        odd = [n for n, _ in partial_names(backbone)
+               if n.startswith(last) and n[len(last):] not in BLOCK_PARAMS]
+        if odd:
+            raise TaskSpecError(f"partial-1 does not support this backbone's last block (parameters {odd[:4]})")
+
+    def create(self, spec: TaskSpec, backbone: Backbone) -> nn.Module:
+        module = FlatParams(partial_names(backbone))
+        module.copy_from(backbone)
+        return module
+
+    def init(self, module: nn.Module, spec: TaskSpec, backbone: Backbone, generator: torch.Generator | None) -> None:
+        module.copy_from(backbone)   # tuning starts from the pretrained block
+
+    def file_shapes(self, spec: TaskSpec, backbone: Backbone) -> dict[str, tuple[int, ...]]:
+        return {f"partial.{n}": s for n, s in partial_names(backbone)}
+
+    def to_file(self, module: nn.Module | None) -> dict[str, Tensor]:
+        return {f"partial.{n}": t for n, t in module.split().items()}
+
+    def from_file(self, module: nn.Module | None, tensors: dict[str, Tensor]) -> None:
+        module.values.copy_(torch.cat([tensors[f"partial.{n}"].reshape(-1) for n, _ in module.names]))
+
+    def weight_overrides(self, module: nn.Module | None, backbone: Backbone) -> dict[str, Tensor]:
+        return {n: t.to(backbone.device, backbone.dtype) for n, t in module.split().items()}
+
+    def slot_tensors(self, module: nn.Module | None, spec: TaskSpec, build: Build) -> dict[str, Tensor]:
+        return {"partial": module.values.to(build.backbone.device, build.backbone.dtype)[None]}   # (1, n)
+
+    def prepare(self, ctx: BatchContext) -> None:
+        ctx.tail_groups = _groups
+
+
+def _groups(ctx: BatchContext) -> list[tuple[Tensor | None, dict[str, Tensor]]]:
+    """(sample indices or None for all, weights by backbone name) for each group of the batch's tail."""
+    flat = ctx.table.tensors["partial"]                                          # (S, n)
+    names = partial_names(ctx.backbone)
+    if flat.shape[0] == 1 and int(ctx.table.lengths["partial"][0]) > 0:          # one task for the whole batch
+        return [(None, FlatParams.split_names(names, flat[0]))]
+    has = ctx.length("partial") > 0                                             # (B,)
+    groups: list[tuple[Tensor | None, dict[str, Tensor]]] = []
+    rest = (~has).nonzero()[:, 0]
+    if rest.numel():
+        groups.append((rest, {}))
+    for s in torch.unique(ctx.slot[has]).tolist():
+        idx = (ctx.slot == s).nonzero()[:, 0]
+        groups.append((idx, FlatParams.split_names(names, flat[s])))
+    return groups
