@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -259,17 +258,21 @@ class PromptBank:
     def _hold_all(self, counts: Counter[TaskKey], lease: Lease) -> dict[TaskKey, tuple[int, TaskSpec] | Exception]:
         """Pin each key into `lease` (slot order = first appearance), loading the misses in parallel."""
         held: dict[TaskKey, tuple[int, TaskSpec] | Exception] = {}
-        loads: dict[TaskKey, Future[Loaded]] = {}
+        missing: list[TaskKey] = []
         with self._lock:
             for key, n in counts.items():
                 entry = self._entries.get(key)
                 if entry is None:
                     self.misses += 1
                     self.hits += n - 1
-                    loads[key] = self._loader.load(key)
+                    missing.append(key)
                     continue
                 self.hits += n
                 held[key] = self._pin(entry, lease)
+        # store reads start on the pool first (in parallel), then host-tier hits (one upload each) and
+        # a lone miss load right here, without a thread hand-off
+        missing.sort(key=lambda k: k in self.host)
+        loads = {k: self._loader.load(k, here=len(missing) == 1 or k in self.host) for k in missing}
         for key, fut in loads.items():
             try:
                 loaded = fut.result()

@@ -71,6 +71,9 @@ class HostTier:
                 self._bytes -= self._entries.pop(k).nbytes
             return len(keys)
 
+    def __contains__(self, key: TaskKey) -> bool:  # a peek: not counted, not reordered
+        return key in self._entries
+
     def keys(self) -> list[TaskKey]:
         """Resident keys, least recently used first."""
         with self._lock:

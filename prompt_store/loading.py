@@ -65,8 +65,9 @@ class TaskLoader:
 
     # -- loads ------------------------------------------------------------------------------------
 
-    def load(self, key: TaskKey) -> Future[Loaded]:
-        """The future of `key`'s load on the urgent pool (joining one already in flight)."""
+    def load(self, key: TaskKey, *, here: bool = False) -> Future[Loaded]:
+        """The future of `key`'s load (joining one already in flight): on the urgent pool, or done
+        in this thread when `here` (a host-tier hit is one upload: no thread hand-off for it)."""
         with self._lock:
             fut = self._inflight.get(key)
             if fut is not None:
@@ -74,7 +75,10 @@ class TaskLoader:
             fut = Future()
             self._inflight[key] = fut
             generation = self.generation(key.tenant, key.task_id)
-        self._urgent.submit(self._run, key, generation, fut)
+        if here:
+            self._run(key, generation, fut)
+        else:
+            self._urgent.submit(self._run, key, generation, fut)
         return fut
 
     def load_here(self, key: TaskKey) -> Loaded | None:

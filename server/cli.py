@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
                             timeout_graceful_shutdown=10, limit_concurrency=settings.max_connections,
                             access_log=False)  # the app logs each request once, with its id (vpt.access)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled on its
+        signal.signal(signum, lambda *_: None)        # way out: shut down here instead, exit 0
     clean = False
     try:
         uvicorn.Server(config).run(sockets=[sock])  # returns on SIGINT/SIGTERM once requests drained

@@ -119,6 +119,8 @@ def test_sse_sends_keepalives_and_closes_after_its_maximum(server: ServerProcess
 
 
 def test_readyz_reports_low_disk_and_hides_details_from_strangers(tmp_path: Path, tiny_vit_env) -> None:
+    from starlette.testclient import TestClient
+
     from server.frontend.app import create_app
     from server.settings import Settings
     from server.state import AppState
@@ -131,9 +133,7 @@ def test_readyz_reports_low_disk_and_hides_details_from_strangers(tmp_path: Path
     app.state.vpt = state
     try:
         def readyz(client: str, headers: dict | None = None) -> httpx.Response:
-            transport = httpx.ASGITransport(app=app, client=(client, 40000))
-            with httpx.Client(transport=transport, base_url="http://x") as c:
-                return c.get("/readyz", headers=headers)
+            return TestClient(app, client=(client, 40000)).get("/readyz", headers=headers)
 
         stranger = readyz("203.0.113.7")
         assert stranger.status_code == 503 and stranger.json()["error"]["details"]["disk"] == "low"
@@ -157,7 +157,8 @@ def tiny_fs(tmp_path: Path):
 
 
 def test_a_full_disk_answers_507_and_leaves_nothing(tiny_fs: Path, tmp_path: Path, tiny_vit_env) -> None:
-    proc = ServerProcess({"VPT_STORE": str(tiny_fs / "store"), "VPT_WORKERS": "0", **tiny_vit_env},
+    proc = ServerProcess({"VPT_STORE": str(tiny_fs / "store"), "VPT_WORKERS": "0", "VPT_MIN_FREE_BYTES": "0",
+                          **tiny_vit_env},
                          tmp_path / "full.log").start()
     try:
         archive = make_digits_zip(tmp_path / "d.zip", classes=range(2), per_class=3).read_bytes()
