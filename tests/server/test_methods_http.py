@@ -15,8 +15,8 @@ from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.server.helpers import wait_job
 from tests.vpt.reference_methods import reference_logits
 from vpt.backbone import load_backbone
-from vpt.task import load_task_file
 from vpt.preprocess import ImageTransform
+from vpt.task import load_task_file
 
 # task id -> training form fields (besides the common budget)
 METHODS = {
