@@ -15,8 +15,8 @@ from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.server.helpers import wait_job
 from tests.vpt.reference_methods import reference_logits
 from vpt.backbone import load_backbone
+from vpt.preprocess import ImageTransform
 from vpt.task import load_task_file
-from vpt.transforms import eval_transform
 
 # task id -> training form fields (besides the common budget)
 METHODS = {
@@ -71,7 +71,7 @@ def test_every_method_trains_and_its_record_shows_method_parameters_and_bank_byt
 def test_mixed_concurrent_predictions_equal_each_methods_reference(
         api: httpx.Client, trained: dict[str, dict], tiny_vit_file) -> None:
     bb = load_backbone(TINY_NAME, weights=tiny_vit_file, model_kwargs=TINY_KWARGS)
-    transform = eval_transform(bb.data_config)
+    transform = ImageTransform(bb.data_config)   # the server's own preprocessing arithmetic
     images = [(label, i, digit_png(label, index=40 + i)) for label in range(3) for i in range(2)]
     requests = [(task, label, i, png) for task in METHODS for label, i, png in images]
 
