@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prompt_store.records import ChangeEvent
 from server.channel import SlotRing, encode_frame, item_shape, read_frame
 from server.errors import ApiError, translate
 from server.state import AppState
@@ -82,6 +83,9 @@ class EngineService:
                 result = await asyncio.to_thread(self.state.ready_checks, bool(msg.get("details")))
             elif op == "metrics":
                 result = {"text": self.state.metrics.render_engine().decode()}
+            elif op == "changed":  # a front end wrote this task: forget it now, before the event log says so
+                self.state.bank.on_change(ChangeEvent(str(msg["tenant"]), str(msg["task"]), None, "changed"))
+                result = {}
             else:
                 raise ApiError(400, "bad_request", f"unknown channel operation {op!r}")
             self._send(writer, {"id": rid, "ok": result})

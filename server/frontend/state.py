@@ -104,6 +104,11 @@ class FrontendState:
         except Exception as e:  # the engine is gone or stuck: not ready  # noqa: BLE001
             return {"engine": f"unavailable: {type(e).__name__}"}
 
+    async def task_changed(self, tenant: str, task: str) -> None:
+        """This front end wrote `task`: the engine forgets its cached version before the write is answered,
+        so the caller's next prediction sees it (other processes learn it from the store's events)."""
+        await asyncio.wait_for(self.client.call({"op": "changed", "tenant": tenant, "task": task}), timeout=5)
+
     async def render_metrics(self) -> bytes:
         engine = await asyncio.wait_for(self.client.call({"op": "metrics"}), timeout=10)
         return self.metrics.render_http() + engine["text"].encode()

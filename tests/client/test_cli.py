@@ -185,7 +185,9 @@ def test_train_has_a_flag_for_every_server_option(server: FakeServer, capsys: py
         argv += [f"--{FIELDS[name]['x-flag'].replace('_', '-')}", value]
     code, _, err = run(server, capsys, *argv)
     assert code == 0, err
-    assert server.requests[0].form == values
+    # array options are comma-separated on the command line and sent as a JSON list
+    expected = {name: json.dumps([v]) if FIELDS[name].get("type") == "array" else v for name, v in values.items()}
+    assert server.requests[0].form == expected
     for flag in ("--augmentation", "--keep", "--mixed-precision", "--workers", "--warmup-epochs"):
         assert flag in argv
 

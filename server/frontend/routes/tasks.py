@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -70,6 +71,7 @@ def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
         return Response(status_code=204)
     state.jobs.cancel_active(tenant, task_id)
     state.store.delete_task(tenant, task_id)
+    _changed(state, tenant, task_id)
     return Response(status_code=204)
 
 
@@ -94,6 +96,7 @@ def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOu
     _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
     _check_servable(blob, state)
     state.store.activate(tenant, task_id, version)
+    _changed(state, tenant, task_id)
     return task_out(state.store.get_info(tenant, task_id), _element_size(state), _running(state))
 
 
@@ -119,7 +122,25 @@ async def import_task(task_id: str, request: Request, state: State, tenant: Tena
         raise ApiError(400, "bad_request", "the request body must be a task file")
     meta = await run_in_threadpool(_check_servable, blob, state)
     info = await run_in_threadpool(_put, state, tenant, task_id, blob, meta)
+    await _notify(state, tenant, task_id)
     return task_out(info, _element_size(state), _running(state))
+
+
+async def _notify(state: State, tenant: str, task_id: str) -> None:
+    """In a front-end process, tell the engine about this write before answering it (read-your-writes);
+    other processes learn it from the store's change events. A failure only delays it to those events."""
+    notify = getattr(state, "task_changed", None)
+    if notify is not None:
+        try:
+            await notify(tenant, task_id)
+        except Exception as e:  # noqa: BLE001 - the event log still delivers the change
+            log.warning("could not tell the engine that %s/%s changed: %s", tenant, task_id, e)
+
+
+def _changed(state: State, tenant: str, task_id: str) -> None:
+    """`_notify` from a sync route (a worker thread of the event loop)."""
+    if getattr(state, "task_changed", None) is not None:
+        anyio.from_thread.run(_notify, state, tenant, task_id)
 
 
 def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):
