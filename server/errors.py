@@ -151,6 +151,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _translated(request: Request, exc: Exception) -> JSONResponse:
         return respond(request, translate(exc))
 
-    for root in (StoreError, VPTError, KernelError):  # handled inside the app: no traceback, no re-raise
+    # handled inside the app: no traceback, no re-raise (OSError: a full or read-only disk answers 507)
+    for root in (StoreError, VPTError, KernelError, OSError):
         app.add_exception_handler(root, _translated)
     app.add_exception_handler(Exception, _translated)  # bugs: logged, answered 500 with the error shape
