@@ -55,7 +55,8 @@ class TrainOptions(BaseModel):
     method: str = Field(
         "vpt-deep", description="what learns besides the head: linear (nothing), or +-joined components of "
                                 "vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias); auto trains "
-                                "auto_methods and keeps the best on validation")
+                                "auto_methods and keeps the best on validation",
+        examples=["linear", "vpt-shallow", "vpt-deep", "bias", "adapter", "partial-1", "vpt-deep+bias", "auto"])
     head: str = Field("linear", description="the head: linear, or mlp-k (k in 2..8: k-1 hidden layers)")
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "cls", description="features the head reads: cls, image_mean, prompt_mean or all_mean")

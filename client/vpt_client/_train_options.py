@@ -37,6 +37,14 @@ FIELDS: dict[str, dict[str, Any]] = {
                'description': 'what learns besides the head: linear (nothing), or +-joined components of '
                               'vpt-shallow|vpt-deep, bias, adapter, partial-1 (e.g. vpt-deep+bias); auto '
                               'trains auto_methods and keeps the best on validation',
+               'examples': ['linear',
+                            'vpt-shallow',
+                            'vpt-deep',
+                            'bias',
+                            'adapter',
+                            'partial-1',
+                            'vpt-deep+bias',
+                            'auto'],
                'type': 'string',
                'x-flag': 'method'},
     'head': {'default': 'linear',

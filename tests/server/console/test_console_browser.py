@@ -135,7 +135,8 @@ def fill_train_form(tab: Tab, folder: Path) -> None:
     """The Train page: a folder, zipped in the browser; options from the server's schema."""
     tab.go("/train")
     tab.page.wait_for_selector("#opt-epochs")
-    assert tab.page.locator("#opt-method option").all_inner_texts()[:3] == ["linear", "vpt-shallow", "vpt-deep"]
+    choices = tab.page.locator("#opt-method-choices option")  # method is free text (combinations) with choices
+    assert [choices.nth(i).get_attribute("value") for i in range(3)] == ["linear", "vpt-shallow", "vpt-deep"]
     tab.page.fill("#task-id", "digits")
     tab.page.set_input_files("#dataset-folder", str(folder))
     tab.page.wait_for_selector("#dataset-picked:text('files')")

@@ -52,6 +52,10 @@ function field(name, p) {
   } else if (p.type === "integer" || p.type === "number") {
     input = h("input", { ...common, type: "number", step: p.type === "integer" ? "1" : "any", min: p.minimum ?? p.exclusiveMinimum,
       max: p.maximum ?? p.exclusiveMaximum, placeholder: p.default === undefined ? "server default" : "", value: p.default ?? "" });
+  } else if (Array.isArray(p.examples)) {  // free text (e.g. method combinations) with the usual choices offered
+    input = h("input", { ...common, type: "text", list: `${id}-choices`, value: p.default ?? "" });
+    const choices = h("datalist", { id: `${id}-choices` }, p.examples.map((v) => h("option", { value: String(v) }, String(v))));
+    return h("div", { class: "field" }, h("label", { for: id }, label), input, choices, help);
   } else {
     input = h("input", { ...common, type: "text", placeholder: p.default === undefined ? "server default" : "", value: p.default ?? "" });
   }
