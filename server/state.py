@@ -101,6 +101,12 @@ def open_job_queue(settings: Settings, store: Store) -> JobQueue:
     return open_queue(store, stale_s=settings.job_stale_s, max_claims=settings.job_max_claims)
 
 
+def count_unservable(store: Store, fingerprint: str) -> int:
+    """Tasks (all tenants) whose current version was trained on another backbone."""
+    return sum(info.current.metadata.get("backbone_fingerprint") != fingerprint
+               for tenant in store.list_tenants() for info in store.list_tasks(tenant))
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -156,10 +162,7 @@ class AppState:
         at most every `max_age_s` seconds, since it reads every task's record."""
         now = time.monotonic()
         if self._unservable is None or now - self._unservable[0] > max_age_s:
-            fp = self.backbone.fingerprint
-            n = sum(info.current.metadata.get("backbone_fingerprint") != fp
-                    for tenant in self.store.list_tenants() for info in self.store.list_tasks(tenant))
-            self._unservable = (now, n)
+            self._unservable = (now, count_unservable(self.store, self.backbone.fingerprint))
         return self._unservable[1]
 
     async def predict(self, tenant: str, task: str, images: list[np.ndarray] | list[Tensor] | Tensor,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from server.frontend.engine_client import EngineClient
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService
 from server.settings import Settings
-from server.state import open_job_queue, work_dir
+from server.state import count_unservable, open_job_queue, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class FrontendState:
         self.jobs = JobService(self.store, self.queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,
                                settings.max_pending_bytes_per_tenant)
         self.backbone: BackboneInfo | None = None
+        self._unservable: tuple[float, int] | None = None
         self.decoder: ImageDecoder | None = None
 
     @classmethod
@@ -108,6 +110,13 @@ class FrontendState:
         """This front end wrote `task`: the engine forgets its cached version before the write is answered,
         so the caller's next prediction sees it (other processes learn it from the store's events)."""
         await asyncio.wait_for(self.client.call({"op": "changed", "tenant": tenant, "task": task}), timeout=5)
+
+    def unservable_tasks(self, max_age_s: float = 10.0) -> int:
+        """As the engine counts it (`AppState.unservable_tasks`), from this process's view of the store."""
+        now = time.monotonic()
+        if self._unservable is None or now - self._unservable[0] > max_age_s:
+            self._unservable = (now, count_unservable(self.store, self.backbone.fingerprint))
+        return self._unservable[1]
 
     async def render_metrics(self) -> bytes:
         engine = await asyncio.wait_for(self.client.call({"op": "metrics"}), timeout=10)

@@ -63,7 +63,7 @@ async def readyz(request: Request, state: State) -> JSONResponse:
 
 def _task_details(state: AppState) -> dict[str, int | str]:
     """Tasks this backbone cannot serve (trained on another one): counted, never a reason to be unready."""
-    count = getattr(state, "unservable_tasks", None)  # a front end apart from the engine has no store view
+    count = getattr(state, "unservable_tasks", None)
     if count is None:
         return {}
     try:
