@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import socket
 import sys
@@ -69,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.frontend.app import create_app
+    from server.state import exit_code_after_close
 
     config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
                             timeout_graceful_shutdown=10, limit_concurrency=settings.max_connections,
@@ -81,10 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         clean = state.close()  # workers stop at their next step and hand their jobs back
         sock.close()
-    if not clean:  # a training thread did not stop within the grace period: its job was handed back
-        logging.shutdown()
-        os._exit(0)
-    return 0
+    return exit_code_after_close(clean)
 
 
 def _settings_from_env():

@@ -101,6 +101,15 @@ def open_job_queue(settings: Settings, store: Store) -> JobQueue:
     return open_queue(store, stale_s=settings.job_stale_s, max_claims=settings.job_max_claims)
 
 
+def exit_code_after_close(clean: bool) -> int:
+    """0 once `AppState.close()` returned. A training thread that did not stop within the grace period
+    already had its job handed back, so the process leaves at once (0) instead of joining it."""
+    if not clean:
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
 def count_unservable(store: Store, fingerprint: str) -> int:
     """Tasks (all tenants) whose current version was trained on another backbone."""
     return sum(info.current.metadata.get("backbone_fingerprint") != fingerprint

@@ -13,7 +13,7 @@ import sys
 
 from server.channel import ENV_SHM, ENV_SOCKET, SlotRing
 from server.engine.service import EngineService
-from server.state import AppState
+from server.state import AppState, exit_code_after_close
 
 log = logging.getLogger("vpt-serve.engine")
 
@@ -45,10 +45,7 @@ def main() -> int:
     finally:
         clean = state.close()  # workers stop at their next step and hand their jobs back
         ring.close()
-    if not clean:  # a training thread did not stop within the grace period: its job was handed back
-        logging.shutdown()
-        os._exit(0)
-    return 0
+    return exit_code_after_close(clean)
 
 
 if __name__ == "__main__":
