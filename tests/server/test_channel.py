@@ -3,6 +3,7 @@ front end that drops its connection wedges nothing. A real engine (tiny ViT) ans
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from server.channel import RingLayout, SlotPool, SlotRing
+from server.channel import RingLayout, SlotPool, SlotRing, sweep_stale_rings
 from server.engine.service import EngineService
 from server.errors import ApiError
 from server.frontend.engine_client import EngineClient
 from server.settings import Settings
 from server.state import AppState
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
-from tests.server.helpers import backbone_for, constant_task
+from tests.server.helpers import backbone_for, constant_task, ring_owner
 from vpt.task import read_metadata
 
 
@@ -148,3 +149,25 @@ async def _run_timeout(state: AppState, tmp_path: Path) -> None:
 def test_abandoned_requests_keep_their_slots_until_the_engine_answers(engine_state: AppState,
                                                                       tmp_path: Path) -> None:
     asyncio.run(_run_timeout(engine_state, tmp_path))
+
+
+def test_rings_of_sigkilled_owners_are_swept_and_live_ones_kept() -> None:
+    root = Path(__file__).resolve().parents[2]
+    (dead, dead_path), (alive, alive_path) = ring_owner(root), ring_owner(root)
+    mine = SlotRing.create(RingLayout(1, 2, 4096))
+    try:
+        assert dead_path.name.startswith(f"vpt-ring-{dead.pid}-") and dead_path.exists()
+        dead.send_signal(signal.SIGKILL)
+        assert dead.wait(30) == -signal.SIGKILL
+        assert dead_path.exists()  # nobody removed it: the owner had no chance
+        removed = sweep_stale_rings()
+        assert not dead_path.exists()  # (another server starting meanwhile may have swept it first)
+        assert alive_path.exists() and mine.path.exists()  # their owners hold their locks
+        assert alive_path not in removed and mine.path not in removed
+    finally:
+        alive.kill()
+        alive.wait(30)
+        mine.close()
+    assert not mine.path.exists()
+    sweep_stale_rings()
+    assert not alive_path.exists()  # killed too: the next sweep takes it
