@@ -3,8 +3,8 @@
 The common request of a busy server (one image, `?task=...&top_k=...`) spends more of a front end's
 CPU in routing, dependency solving and the exception middleware stack than in its own work. This
 pure ASGI layer takes exactly that request, when its query is plainly valid, and runs the same code
-as the route (auth: `get_tenant`; work: `predict.answer`; errors: `translate` and `error_response`,
-as the app's handlers render them). Anything else (multipart, a query FastAPI would answer 422,
+as the route (auth: `get_tenant`; work: `predict.answer`; errors: `TaskRoute`'s `better_error`, then
+`translate` and `error_response`, as the app's handlers render them). Anything else (multipart, a query FastAPI would answer 422,
 other routes) goes through the app unchanged.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 from prompt_store.ids import validate_id
 from server.errors import ApiError, error_response, http_error, translate
 from server.frontend.deps import get_tenant
+from server.frontend.missing import better_error
 from server.frontend.routes.predict import answer
 
 PATH = "/predict"
@@ -76,5 +77,6 @@ class FastPredict:
             err = ApiError(400, "bad_request", "the client closed the connection mid-request")
             response = error_response(err, scope["state"].get("request_id"), PATH)
         except Exception as e:  # noqa: BLE001 (translate logs what is a bug and answers 500)
-            response = error_response(translate(e), scope["state"].get("request_id"), PATH)
+            better = await better_error(request, e)  # as the route's TaskRoute: "did you mean", task_training
+            response = error_response(translate(better or e), scope["state"].get("request_id"), PATH)
         await response(scope, receive, send)

@@ -30,7 +30,7 @@ def _comparable(r: httpx.Response) -> tuple[int, dict]:
     return r.status_code, body
 
 
-@pytest.mark.parametrize("case", ["ok", "top_k", "unknown_task", "invalid_id", "no_key", "bad_key", "corrupt",
+@pytest.mark.parametrize("case", ["ok", "top_k", "unknown_task", "near_task", "invalid_id", "no_key", "bad_key", "corrupt",
                                   "empty", "too_large", "request_id"])
 def test_fast_and_routed_paths_answer_alike(oip_server, case: str) -> None:
     query, body, headers, client = "task=rand", png(5), {}, oip_server.alpha
@@ -38,6 +38,8 @@ def test_fast_and_routed_paths_answer_alike(oip_server, case: str) -> None:
         query = "task=rand&top_k=2"
     elif case == "unknown_task":
         query = "task=never-made"
+    elif case == "near_task":
+        query = "task=rnad"  # 404 naming the closest task, as the routed path's TaskRoute answers
     elif case == "invalid_id":
         query = "task=no%2Fsuch"
     elif case in ("no_key", "bad_key"):
@@ -58,6 +60,8 @@ def test_fast_and_routed_paths_answer_alike(oip_server, case: str) -> None:
         assert fast.status_code == 200 and len(fast.json()["results"][0]["top_k"]) == 5
     elif case == "request_id":
         assert fast.headers["x-request-id"] == "fast-1"
+    elif case == "near_task":
+        assert fast.status_code == 404 and fast.json()["error"]["details"]["did_you_mean"] == "rand"
     else:
         assert fast.status_code >= 400 and "error" in fast.json()
         rid = fast.headers["x-request-id"]
