@@ -85,11 +85,13 @@ async def _run_handoff(state: AppState, tmp_path: Path) -> None:
         async def one(i: int) -> None:
             imgs = _images(rng, 1 + i % 3)
             out = await client.predict("default", "t", imgs, top_k=2)
-            seen.update(s for s in range(24) if s not in client.pool.free)
             assert len(out.results) == len(imgs) and all(r[0].label == "two" for r in out.results)
 
         for start in range(0, 240, 8):  # 240 requests (~480 images), 8 at a time, through 24 slots
-            await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+            wave = [asyncio.create_task(one(i)) for i in range(start, start + 8)]
+            await asyncio.sleep(0)  # each has taken its slots and sent its request
+            seen.update(s for s in range(24) if s not in client.pool.free)
+            await asyncio.gather(*wave)
         assert client.pool.in_use == 0          # every slot came back, and was reused ~20 times
         assert 2 <= len(seen) <= 24
         big = [rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)]  # 36 kB > a 16 kB slot: inline
@@ -116,6 +118,7 @@ async def _run_handoff(state: AppState, tmp_path: Path) -> None:
         await client.close()
     finally:
         server.close()
+        state.batcher.stop()  # nothing reads the ring once it is unmapped (as the engine process stops)
         ring.close()
 
 
@@ -143,6 +146,7 @@ async def _run_timeout(state: AppState, tmp_path: Path) -> None:
         await client.close()
     finally:
         server.close()
+        state.batcher.stop()
         ring.close()
 
 
