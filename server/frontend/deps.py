@@ -45,6 +45,7 @@ def get_tenant(request: Request, state: State) -> str:
         client = request.client.host if request.client else None
         if not state.settings.allow_unauthenticated and not is_loopback(client):
             raise ApiError(403, "forbidden", "this server has no API keys and only answers loopback callers")
+        request.state.tenant = DEFAULT_TENANT
         return DEFAULT_TENANT
     key = presented_key(request)
     if key is None:

@@ -91,7 +91,8 @@ def test_concurrent_mixed_predictions_get_their_own_labels(api: httpx.Client, bb
 
 
 @pytest.mark.parametrize("case", ["corrupt", "empty", "text", "wrong_type", "no_image_field", "bad_topk",
-                                  "invalid_id", "unknown_task", "missing_task_param", "too_many"])
+                                  "invalid_id", "unknown_task", "missing_task_param", "too_many",
+                                  "far_too_many"])
 def test_bad_predict_requests_are_4xx_with_a_code(api: httpx.Client, bb, case: str) -> None:
     if case == "corrupt":
         put_task(api, "target", constant_task(bb, ["x", "y"], winner=0))
@@ -101,7 +102,7 @@ def test_bad_predict_requests_are_4xx_with_a_code(api: httpx.Client, bb, case: s
                 "wrong_type": (415, "unsupported_media_type"), "no_image_field": (400, "bad_request"),
                 "bad_topk": (422, "validation_error"), "invalid_id": (400, "invalid_task_id"),
                 "unknown_task": (404, "task_not_found"), "missing_task_param": (422, "validation_error"),
-                "too_many": (413, "payload_too_large")}[case]
+                "too_many": (413, "payload_too_large"), "far_too_many": (413, "payload_too_large")}[case]
     if case == "corrupt":
         kw["content"] = png(0)[:40]
     elif case == "empty":
@@ -120,10 +121,12 @@ def test_bad_predict_requests_are_4xx_with_a_code(api: httpx.Client, bb, case: s
         params["task"] = "never-created"
     elif case == "missing_task_param":
         params = {}
-    elif case == "too_many":
-        kw = {"files": [("image", (f"{i}.png", png(i), "image/png")) for i in range(65)]}
+    elif case in ("too_many", "far_too_many"):  # one past the limit (64) or many past it: the same answer
+        kw = {"files": [("image", (f"{i}.png", png(i), "image/png")) for i in range(65 if case == "too_many" else 70)]}
     r = api.post("/predict", params=params, **kw)
     assert (r.status_code, error_code(r)) == expected, r.text
+    if case.endswith("too_many"):
+        assert r.json()["error"]["message"] == "more than 64 files; at most 64 per request"
     assert api.get("/healthz").status_code == 200
 
 

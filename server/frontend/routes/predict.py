@@ -14,10 +14,11 @@ from server.engine.batcher import Outcome
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
 from server.frontend.forms import parse_form
+from server.frontend.missing import TaskRoute
 from server.frontend.schemas import ErrorOut, ImageResult, PredictionOut, TopKOut, safe_text
 from server.state import AppState
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], route_class=TaskRoute)
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -31,13 +32,10 @@ async def _read_images(request: Request, state: State) -> list[tuple[bytes, str 
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
         items = []
-        form = await parse_form(request, max_file_bytes=s.max_image_bytes, max_files=s.max_images_per_request + 1,
-                                max_fields=8)
+        form = await parse_form(request, max_file_bytes=s.max_image_bytes, max_files=s.max_images_per_request,
+                                max_fields=8)  # one file past the limit is 413, however many follow
         try:
             parts = [v for k, v in form.multi_items() if k == "image"]
-            if len(parts) > s.max_images_per_request:
-                raise ApiError(413, "payload_too_large",
-                               f"{len(parts)} images; at most {s.max_images_per_request} per request")
             for part in parts:
                 if not isinstance(part, UploadFile):
                     raise ApiError(400, "bad_request", "each 'image' field must be a file")
@@ -81,7 +79,7 @@ async def classify(state: AppState, tenant: str, task: str, images: list[np.ndar
 
 @router.post("/predict", response_model=PredictionOut, openapi_extra=PREDICT_BODY,
              responses={400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut},
-                        415: {"model": ErrorOut}, 503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
+                        409: {"model": ErrorOut}, 415: {"model": ErrorOut}, 503: {"model": ErrorOut}, 504: {"model": ErrorOut}})
 async def predict(request: Request, state: State, tenant: Tenant, task: str = Query(..., description="task id"),
                   top_k: int = Query(5, ge=1, le=100)) -> PredictionOut:
     """Classify images with a task's current version: per image the top-k labels and scores."""

@@ -13,6 +13,7 @@ from prompt_store.ids import validate_id
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
 from server.frontend.openapi import errors
+from server.frontend.missing import TaskRoute
 from server.frontend.schemas import (
     ErrorOut,
     TaskList,
@@ -27,7 +28,7 @@ from vpt.errors import TaskFileError
 from vpt.task import bank_values, load_task_file, read_metadata
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["tasks"], responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
+router = APIRouter(tags=["tasks"], route_class=TaskRoute, responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
 
 MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not even fit in a file name
 

@@ -1,0 +1,81 @@
+"""Answers about tasks that a newcomer meets: a typo'd task id, a task whose first version is still
+training, and the image-count limit of `/predict`. A real server with no training worker
+(`VPT_WORKERS=0`, so a first job stays queued) and two front-end processes (the engine's errors
+cross the channel)."""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.server.helpers import constant_task, png
+
+
+def digits_zip(classes: tuple[str, ...] = ("a", "b"), per_class: int = 2) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for c, label in enumerate(classes):
+            for i in range(per_class):
+                zf.writestr(f"{label}/{i}.png", png(i + 10 * c))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory: pytest.TempPathFactory, tiny_vit_env: dict[str, str]) -> Iterator[httpx.Client]:
+    from tests.fixtures.live_server import ServerProcess
+
+    root = tmp_path_factory.mktemp("idle")
+    server = ServerProcess({"VPT_STORE": str(root / "store"), "VPT_WORKERS": "0", "VPT_FRONTEND_WORKERS": "2",
+                            "VPT_MAX_WAIT_MS": "5", **tiny_vit_env}, root / "server.log").start()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=60) as c:
+            yield c
+    finally:
+        server.stop()
+
+
+def _error(r: httpx.Response) -> dict:
+    return r.json()["error"]
+
+
+def test_a_typo_in_a_task_id_suggests_the_closest_task(idle: httpx.Client, tiny_backbone) -> None:
+    r = idle.put("/tasks/flowers/import", content=constant_task(tiny_backbone, ["a", "b"], winner=0))
+    assert r.status_code == 201, r.text
+    image = {"content": png(0), "headers": {"content-type": "image/png"}}
+    for r in (idle.post("/predict", params={"task": "flowrs"}, **image), idle.get("/tasks/flowrs"),
+              idle.get("/tasks/Flowers/versions"), idle.get("/tasks/flowerz/export")):
+        assert r.status_code == 404, r.text
+        err = _error(r)
+        assert err["code"] == "task_not_found"
+        assert "did you mean 'flowers'?" in err["message"] and err["details"] == {"did_you_mean": "flowers"}
+    r = idle.get("/tasks/zebra")  # nothing close: no suggestion
+    assert r.status_code == 404 and "did you mean" not in _error(r)["message"], r.text
+    assert idle.post("/predict", params={"task": "flowers"}, **image).status_code == 200
+
+
+def test_predicting_a_task_whose_first_job_is_queued_names_the_job(idle: httpx.Client) -> None:
+    r = idle.post("/tasks/pending/train", files={"dataset": ("d.zip", digits_zip())})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    r = idle.post("/predict", params={"task": "pending"}, content=png(0), headers={"content-type": "image/png"})
+    assert r.status_code == 409, r.text
+    err = _error(r)
+    assert err["code"] == "task_training" and job_id in err["message"] and "queued" in err["message"]
+    assert err["details"]["job_id"] == job_id
+    r = idle.get("/tasks/pending")  # no version to show: still a 404, naming the job
+    assert r.status_code == 404 and _error(r)["details"]["job_id"] == job_id
+    assert idle.delete("/tasks/pending").status_code == 204  # cancels the job
+    r = idle.post("/predict", params={"task": "pending"}, content=png(0), headers={"content-type": "image/png"})
+    assert r.status_code == 404 and _error(r)["code"] == "task_not_found", r.text
+
+
+@pytest.mark.parametrize("count", [65, 66, 80])
+def test_every_image_count_past_the_limit_is_the_same_413(idle: httpx.Client, count: int) -> None:
+    files = [("image", (f"{i}.png", png(i, size=8), "image/png")) for i in range(count)]
+    r = idle.post("/predict", params={"task": "flowers"}, files=files)
+    assert r.status_code == 413, r.text
+    err = _error(r)
+    assert (err["code"], err["message"]) == ("payload_too_large", "more than 64 files; at most 64 per request")
