@@ -12,8 +12,8 @@ from prompt_store.errors import TaskNotFound
 from prompt_store.ids import validate_id
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
-from server.frontend.openapi import errors
 from server.frontend.missing import TaskRoute
+from server.frontend.openapi import errors
 from server.frontend.schemas import (
     ErrorOut,
     TaskList,
