@@ -1,7 +1,8 @@
 """`vpt`: the command line of vpt-client.
 
-Exit status: 0 on success, 1 on an error (printed as `error: <code>: <message>`, and a training
-job that failed or was cancelled counts as one), 2 on a usage error, 130 when interrupted.
+Exit status: 0 on success, 1 on an error (printed as `error: <code>: <message>`, then one indented
+line per entry the error's details name, e.g. a dataset's offending files; a training job that
+failed or was cancelled counts as one), 2 on a usage error, 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -274,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VPTError as exc:
         sys.stdout.flush()
         sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
+        sys.stderr.writelines(f"  {line}\n" for line in fmt.error_details(exc))
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -74,6 +74,7 @@ class JobProgress(_Model):
 class JobError(_Model):
     code: str = "error"
     message: str = ""
+    details: Any = None  # e.g. the dataset entries that made the job fail
 
 
 class Job(_Model):

@@ -79,3 +79,25 @@ def test_every_image_count_past_the_limit_is_the_same_413(idle: httpx.Client, co
     assert r.status_code == 413, r.text
     err = _error(r)
     assert (err["code"], err["message"]) == ("payload_too_large", "more than 64 files; at most 64 per request")
+
+
+@pytest.mark.parametrize("name,body,code,details", [
+    ("notes.zip", b"just some text, not an archive\n" * 10, "dataset_archive_invalid", ["notes.zip"]),
+    ("photo.zip", png(1), "dataset_archive_invalid", ["photo.zip"]),
+    ("flat.zip", None, "dataset_layout", ["0.png", "1.png", "2.png"]),
+])
+def test_a_dataset_that_cannot_train_is_refused_before_any_job(idle: httpx.Client, name: str, body: bytes | None,
+                                                               code: str, details: list[str]) -> None:
+    if body is None:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for i in range(3):
+                zf.writestr(f"{i}.png", png(i))
+        body = buf.getvalue()
+    r = idle.post("/tasks/refused/train", files={"dataset": (name, body)})
+    assert r.status_code == 400, r.text
+    err = _error(r)
+    assert (err["code"], err["details"]) == (code, details)
+    if name == "photo.zip":
+        assert "the dataset is a PNG image, not a zip or tar archive" in err["message"]
+    assert idle.get("/jobs", params={"task": "refused"}).json()["jobs"] == []

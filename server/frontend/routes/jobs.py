@@ -19,6 +19,8 @@ from prompt_store.records import JOB_STATES, TERMINAL_STATES
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
 from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
+from server.state import ingest_limits
+from vpt.data.preflight import preflight_archive
 from vpt.errors import TrainOptionsError
 from vpt.options import TrainOptions, form_schema, from_form
 
@@ -74,7 +76,10 @@ def _spool(upload: UploadFile, directory: Path) -> Path:
 @router.post("/tasks/{task_id}/train", status_code=202, response_model=JobOut, openapi_extra=TRAIN_BODY,
              responses={409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut}})
 async def train(task_id: str, request: Request, state: State, tenant: Tenant) -> JSONResponse:
-    """Upload a dataset and queue a training job; the finished job publishes a new task version."""
+    """Upload a dataset and queue a training job; the finished job publishes a new task version.
+
+    Before answering 202 the archive's type, entries, layout and classes are checked, and a few images
+    of each class decoded: a problem is a 400 `dataset_*` naming the offending files in `details`."""
     validate_id(task_id)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'dataset' file")
@@ -85,8 +90,10 @@ async def train(task_id: str, request: Request, state: State, tenant: Tenant) ->
         fields = [(k, v) for k, v in form.multi_items() if k != "dataset" and isinstance(v, str)]
         options = parse_options(fields, state.settings.max_task_prompts, state.settings.max_train_workers)
         tmp = await run_in_threadpool(_spool, dataset, state.jobs.uploads_dir / "incoming")
-        suffix = _suffix(dataset.filename)
-    try:
+        suffix, name = _suffix(dataset.filename), (dataset.filename or "dataset")[:200]
+    try:  # what is cheap to check is answered now (400 dataset_*); the job still checks every image
+        await run_in_threadpool(preflight_archive, tmp, state.jobs.uploads_dir / "incoming",
+                                ingest_limits(state.settings), name=name)
         job = await run_in_threadpool(state.jobs.submit, tenant, task_id, tmp, suffix, options)
     finally:
         tmp.unlink(missing_ok=True)
