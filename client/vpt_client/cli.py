@@ -99,7 +99,7 @@ def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
     if not tasks and not args.json:
         _out("no tasks yet: train one with `vpt train TASK DATASET` or import a file with `vpt import TASK FILE`")
         return 0
-    rows = [(t.task_id, t.current_version, t.num_versions, t.method, t.num_prompts, len(t.classes),
+    rows = [(t.task_id, t.current_version, t.num_versions, t.method, t.num_prompts, t.class_count,
              fmt.human_bytes(t.size_bytes), t.updated_at) for t in tasks]
     _emit(args, tasks, lambda: fmt.table(
         ("TASK", "VERSION", "VERSIONS", "METHOD", "PROMPTS", "CLASSES", "SIZE", "UPDATED"), rows))

@@ -15,9 +15,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from prompt_store.ids import validate_id
+from prompt_store.pages import DEFAULT_LIMIT, MAX_LIMIT, job_page
 from prompt_store.records import JOB_STATES, TERMINAL_STATES
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
+from server.frontend.missing import paged
 from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
 from server.state import ingest_limits
 from vpt.data.preflight import preflight_archive
@@ -102,12 +104,16 @@ async def train(task_id: str, request: Request, state: State, tenant: Tenant) ->
 
 @router.get("/jobs", response_model=JobList)
 def list_jobs(state: State, tenant: Tenant, task: str | None = Query(None),
-              job_state: str | None = Query(None, alias="state")) -> JobList:
+              job_state: str | None = Query(None, alias="state"),
+              limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="jobs per page"),
+              cursor: str | None = Query(None, description="`next_cursor` of the previous page")) -> JobList:
+    """The tenant's jobs, newest first, a page at a time; follow `next_cursor` until it is null."""
     if task is not None:
         validate_id(task)
     if job_state is not None and job_state not in JOB_STATES:
         raise ApiError(400, "invalid_parameter", f"state must be one of {list(JOB_STATES)}")
-    return JobList(jobs=[job_out(j) for j in state.store.list_jobs(tenant, task, job_state)])
+    page = paged(job_page, state.store, tenant, limit, cursor, task, job_state)
+    return JobList(jobs=[job_out(j) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
