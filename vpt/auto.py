@@ -4,7 +4,8 @@ Each candidate runs the same options (epochs, batch size, lr, seed, so the same 
 with only its method changed; the score is the candidate's kept epoch's validation accuracy.
 Ties go to the cheaper candidate (fewer trainable parameters), then to the earlier one in the list.
 The leaderboard (method, val accuracy, trainable parameters, train time) goes into the version's
-metrics and every progress event.
+metrics and every progress event; a "candidate" event follows each candidate, so the job's last
+progress record holds the whole leaderboard.
 """
 from __future__ import annotations
 
@@ -63,11 +64,13 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
             log.info("auto: %s diverged: %s", method, e.message)
             progress.leaderboard.append({"method": method, "val_accuracy": None, "trainable_parameters": None,
                                          "train_time_s": None, "diverged": True})
+            _candidate_done(progress, None)
             continue
         params = outcome.params.num_trainable()["total"]
         acc = float(outcome.best_val_acc or 0.0)
         progress.leaderboard.append({"method": method, "val_accuracy": acc, "trainable_parameters": params,
                                      "train_time_s": round(outcome.seconds, 3), "diverged": False})
+        _candidate_done(progress, acc)
         log.info("auto %d/%d: %s -> val acc %.4f (%d trainable)", i, len(candidates), method, acc, params)
         key = (-acc, params, i)
         if best is None or key < best[0]:
@@ -75,3 +78,9 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
     if best is None:
         raise TrainingDiverged(f"every candidate of method auto diverged ({candidates}); try a smaller learning rate")
     return AutoResult(winner=best[1], leaderboard=progress.leaderboard)
+
+
+def _candidate_done(progress: Progress, val_acc: float | None) -> None:
+    """A "candidate" event: the run counted as complete, the leaderboard holding its row."""
+    if progress.last is not None:  # a candidate that diverged on its very first step has nothing to report
+        progress.emit(**{**progress.last, "kind": "candidate", "step": progress.steps_per_run, "val_acc": val_acc})

@@ -65,8 +65,9 @@ def total_steps(n_train: int, options: TrainOptions) -> int:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """A training progress report. `kind` is "step" (after each step) or "epoch" (after each
-    epoch's validation). Counters are 1-based; `fraction` covers every run of a sweep."""
+    """A training progress report. `kind` is "step" (after each step), "epoch" (after each
+    epoch's validation) or "candidate" (method=auto: a candidate finished, its row is on the
+    leaderboard). Counters are 1-based; `fraction` covers every run of a sweep."""
 
     kind: str
     run: int
@@ -104,17 +105,20 @@ class Progress:
         self.done = 0
         self.method: str | None = None
         self.leaderboard: list[dict[str, Any]] | None = None
+        self.last: dict[str, Any] | None = None   # the fields of the latest event
         self.started = time.perf_counter()
 
     def emit(self, **fields: Any) -> None:
+        self.last = fields
         self.done = (self.run - 1) * self.steps_per_run + fields["step"]
         total = self.runs * self.steps_per_run
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * (total - self.done) if self.done else None
+        board = list(self.leaderboard) if self.leaderboard is not None else None  # a snapshot, not the live list
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(run=self.run, runs=self.runs, steps=self.steps_per_run, eta_s=eta,
                                            fraction=self.done / total, method=self.method,
-                                           leaderboard=self.leaderboard, **fields))
+                                           leaderboard=board, **fields))
 
 
 @dataclass

@@ -37,6 +37,12 @@ def test_parameter_accounting_vit_b16(vit_b16: Backbone) -> None:
     assert count("vpt-deep", 100, classes=6)["total"] == 926_214
     # every backbone parameter ending in `bias`: patch embedding, 12 x (norm1, qkv, proj, norm2, fc1, fc2), norm
     assert count("bias")["bias"] == 768 + 12 * (768 + 2304 + 768 + 768 + 3072 + 768) + 768 == 102_912
+    # counted independently from timm's own parameter names (the model has no head: num_classes=0)
+    named = {n: p.numel() for n, p in vit_b16.model.named_parameters() if n.endswith("bias")}
+    assert len(named) == 1 + 12 * 6 + 1 and sum(named.values()) == 102_912
+    # the tuning-methods issue's 112,128 is 9,216 = 12 x 768 more: one 768-wide bias per block that ViT-B/16
+    # does not have (a block holds 6 biases: 11 x 768 values, qkv 3 x 768 and fc1 4 x 768 included)
+    assert 112_128 - 102_912 == 12 * 768 and 12 * (768 + 2304 + 768 + 768 + 3072 + 768) == 12 * 11 * 768
     assert count("adapter", adapter_reduction=64)["adapter"] == 230_544
     assert count("adapter", adapter_reduction=8)["adapter"] == 12 * (2 * 96 * 768 + 96 + 768)
     assert count("linear", head="mlp-3")["head"] == 1_184_256 + head   # 2 x (Linear 768x768 + BatchNorm)
