@@ -34,9 +34,12 @@ test: $(STAMP)
 
 # The compose stack for real on this host's Docker engine (stand-in base images, no Docker Hub
 # needed; the first build downloads torch into the image). Not part of `make test`. docs/deploy.md.
+# COMPOSE chooses the Compose command ("docker compose", docker-compose, a v2 binary's path);
+# empty: `docker compose` when the docker CLI has it, else docker-compose.
+COMPOSE ?=
 compose-test: $(STAMP)
 	@command -v docker >/dev/null 2>&1 || { echo "docker is needed: apt-get install -y docker.io docker-compose debootstrap"; exit 1; }
-	nice -n 10 $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/deploy $(PYTEST_ARGS)
+	VPT_COMPOSE_TEST_COMMAND='$(COMPOSE)' nice -n 10 $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/deploy $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/engine.py

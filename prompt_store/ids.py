@@ -73,6 +73,9 @@ class RedisKeys:
     def queue_cursor(self) -> str:
         return f"{self.prefix}:queue:cursor"  # STRING the tenant served last (round-robin)
 
+    def queue_wake(self) -> str:
+        return f"{self.prefix}:queue:wake"  # LIST of wake-up tokens idle workers block on (BLPOP)
+
     def tenant_queue(self, tenant: str) -> str:
         return self.tenant_prefix(tenant) + "queue"  # STREAM of {tenant, job_id}, group `workers`
 

@@ -64,7 +64,8 @@ class RedisJobQueue(JobQueue):
     receive (then a claim on the record), XACK+XDEL once the outcome is recorded, XAUTOCLAIM to take
     over a silent worker's pending delivery. Durable with append-only files."""
 
-    POLL_S = 0.1  # a waiting claim polls (Lua cannot block)
+    WAIT_S = 1.0  # longest block on the wake-up list before the streams are read again
+    WAKE_MAX = 64  # wake-up tokens kept; more would only wake idle workers for nothing
 
     def __init__(self, store: RedisStore, stale_s: float = 120.0, max_claims: int = 3) -> None:
         super().__init__(store, stale_s, max_claims)
@@ -112,6 +113,7 @@ class RedisJobQueue(JobQueue):
             pipe.zadd(k.jobs(job.tenant), {job.job_id: job.created_at})
             pipe.sadd(k.tenants(), job.tenant)
             pipe.xadd(stream, {"tenant": job.tenant, "job_id": job.job_id})
+            self._wake(pipe)
             pipe.execute()
             return new
 
@@ -120,7 +122,16 @@ class RedisJobQueue(JobQueue):
     @translated
     def enqueue(self, tenant: str, job_id: str) -> str:
         fields = {"tenant": validate_id(tenant, "tenant"), "job_id": validate_id(job_id, "job id")}
-        return self._r.xadd(self._ensure_group(tenant), fields).decode()
+        pipe = self._r.pipeline(transaction=True)
+        pipe.xadd(self._ensure_group(tenant), fields)
+        self._wake(pipe)
+        return pipe.execute()[0].decode()
+
+    def _wake(self, pipe: redis.client.Pipeline) -> None:
+        """Queue a wake-up token (in the caller's transaction): one idle worker blocked in `claim` reads the
+        streams at once instead of at its next timeout. Tokens are hints; the streams are the truth."""
+        pipe.lpush(self.keys.queue_wake(), "1")
+        pipe.ltrim(self.keys.queue_wake(), 0, self.WAKE_MAX - 1)
 
     @translated
     def claim(self, worker: str, timeout_s: float) -> Claim | None:
@@ -140,7 +151,9 @@ class RedisJobQueue(JobQueue):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            time.sleep(min(self.POLL_S, remaining))
+            # Block until a submit/enqueue/requeue pushes a token, or at most WAIT_S (deliveries that need
+            # no token, e.g. a stale one another worker may take over, are found on the next pass).
+            self._r.blpop([self.keys.queue_wake()], timeout=max(0.01, min(self.WAIT_S, remaining)))
 
     def _drop(self, tenant: str, mid: bytes | str) -> None:
         stream = self._stream(tenant)
@@ -226,6 +239,7 @@ class RedisJobQueue(JobQueue):
             pipe.xadd(stream, {"tenant": claim.tenant, "job_id": claim.job_id})
             pipe.xack(stream, self.group, claim.message_id)
             pipe.xdel(stream, claim.message_id)
+            self._wake(pipe)
             pipe.execute()
             return job
 

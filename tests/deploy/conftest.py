@@ -2,7 +2,8 @@
 
 Marked `docker`: deselected by default, run by `make compose-test`; skipped when no engine answers.
 Images are named for the test and removed afterwards (VPT_COMPOSE_TEST_KEEP_IMAGES=1 keeps them,
-so a rerun starts in seconds); the stand-in base stays, cached by its tag.
+so a rerun starts in seconds); the stand-in base stays, cached by its tag (rebuilt when absent).
+VPT_COMPOSE_TEST_COMMAND chooses the Compose command (`make compose-test COMPOSE=...`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.deploy.stack import ROOT, Stack, compose_command, docker, engine_answers, free_port
+from tests.deploy.stack import (
+    ROOT,
+    Stack,
+    compose_command,
+    compose_version,
+    docker,
+    engine_answers,
+    free_port,
+)
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME, save_tiny_vit
 
 PROJECT = "vptcomposetest"
@@ -36,10 +45,14 @@ def images() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
-def stack(images: dict[str, str], tmp_path) -> Iterator[Stack]:
+def stack(images: dict[str, str], tmp_path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     compose = compose_command()
     if compose is None:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
+    version = compose_version(compose)   # which Compose ran the stack, in the test's output
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"compose: {' '.join(compose)} ({version})")
     key = secrets.token_hex(16)
     env = os.environ | images | {
         "VPT_API_KEYS": f"acme:{key}",

@@ -7,6 +7,8 @@ by the stack, so the test talks only to loopback and its own network), the proxy
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -22,12 +24,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose_command() -> list[str] | None:
-    """Compose v2 when the docker CLI has it, else 1.x; None without either."""
+    """The Compose command the test drives; None when there is none.
+
+    VPT_COMPOSE_TEST_COMMAND chooses one (`docker compose`, `docker-compose`, or a path such as a
+    standalone v2 binary); without it, Compose v2 when the docker CLI has it, else `docker-compose`.
+    """
+    chosen = os.environ.get("VPT_COMPOSE_TEST_COMMAND", "").strip()
+    if chosen:
+        return shlex.split(chosen)
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
         return [docker, "compose"]
     exe = shutil.which("docker-compose")
     return [exe] if exe else None
+
+
+def compose_version(compose: list[str]) -> str:
+    """`compose version`'s first line; AssertionError when the command does not run."""
+    try:
+        done = subprocess.run([*compose, "version"], capture_output=True, text=True, check=False, timeout=60)
+    except OSError as e:
+        raise AssertionError(f"{' '.join(compose)}: {e}") from None
+    assert done.returncode == 0, f"{' '.join(compose)} version: {done.stderr.strip()}"
+    return done.stdout.strip().splitlines()[0]
 
 
 def engine_answers() -> bool:

@@ -277,3 +277,36 @@ def test_a_store_written_before_the_active_index_keeps_its_queue(tmp_path) -> No
     claim = open_queue(store).claim("w1", timeout_s=1)
     assert claim is not None and claim.job_id == "job-old"
     store.close()
+
+
+def _script_calls(client) -> int:
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+def test_an_idle_redis_worker_blocks_instead_of_polling(redis_url: str) -> None:
+    """An idle claim waits on the wake-up list: over 3 s it reads the streams a handful of times (it
+    polled 30 times before), and a submit from another client still wakes it at once."""
+    store = RedisStore(redis_url, prefix="w" + uuid.uuid4().hex[:10])
+    other = RedisStore(redis_url, prefix=store.keys.prefix)
+    queue, submitter = open_queue(store), open_queue(other)
+    try:
+        queue.submit(_job("t1", "job-first"))  # the tenant's stream and group exist from here on
+        first = queue.claim("w1", timeout_s=1)
+        assert first is not None
+        store.client.delete(store.keys.queue_wake())
+        before = _script_calls(store.client)
+        assert queue.claim("w1", timeout_s=3) is None
+        assert _script_calls(store.client) - before <= 6
+        got = []
+        t = threading.Thread(target=lambda: got.append(queue.claim("w1", timeout_s=30)))
+        t.start()
+        time.sleep(0.3)
+        submitter.submit(_job("t1", "job-late"))
+        t.join(timeout=30)
+        assert got and got[0] is not None and got[0].job_id == "job-late"
+    finally:
+        queue.close()
+        submitter.close()
+        store.close()
+        other.close()
