@@ -15,7 +15,9 @@ never pickled).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import logging
 import mmap
 import os
 import struct
@@ -28,7 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 HEADER = struct.Struct(">I")
+RING_PREFIX = "vpt-ring-"
 MAX_FRAME = 1 << 31
 DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, "float32": torch.float32}
 ENV_SHM = "VPT_INTERNAL_SHM"          # the ring's file, set by the supervisor for its children
@@ -52,11 +57,43 @@ class RingLayout:
         return (frontend * self.slots + slot) * self.slot_bytes
 
 
+def ring_dir() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def sweep_stale_rings(base: Path | None = None) -> list[Path]:
+    """Remove ring files whose owner is gone (a SIGKILLed supervisor cannot remove its own).
+
+    The owner holds an exclusive `flock` on its ring file for as long as it lives; the kernel drops
+    it when the process dies, however it dies. A file whose lock can be taken has no owner. (The pid
+    in the name is for people; a lock is immune to pid reuse.) Returns the removed paths."""
+    removed = []
+    for path in sorted((base or ring_dir()).glob(RING_PREFIX + "*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its owner is alive
+            continue
+        else:
+            path.unlink(missing_ok=True)  # still under our lock: no owner can have taken it meanwhile
+            removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed %d shared-memory ring file(s) left by dead servers: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
 class SlotRing:
     """The mapped ring (see the module docstring). `create` makes the file; `attach` maps it."""
 
-    def __init__(self, path: Path, layout: RingLayout, owner: bool) -> None:
+    def __init__(self, path: Path, layout: RingLayout, owner: bool, lock_fd: int | None = None) -> None:
         self.path, self.layout, self.owner = path, layout, owner
+        self._lock_fd = lock_fd  # the owner's: held open (and flock-ed) while the ring lives
         fd = os.open(path, os.O_RDWR)
         try:
             self.map = mmap.mmap(fd, layout.total)
@@ -65,14 +102,20 @@ class SlotRing:
 
     @classmethod
     def create(cls, layout: RingLayout) -> SlotRing:
-        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        path = base / f"vpt-ring-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        """A new ring file, locked by this process until `close` (see `sweep_stale_rings`)."""
+        name = f"{RING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path, tmp = ring_dir() / name, ring_dir() / f".{name}.new"  # locked before a sweep can see its name
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # close-on-exec: children hold no lock
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
             os.ftruncate(fd, layout.total)  # sparse: pages exist once written
-        finally:
+            os.rename(tmp, path)
+            return cls(path, layout, owner=True, lock_fd=fd)
+        except BaseException:
             os.close(fd)
-        return cls(path, layout, owner=True)
+            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def attach(cls, spec: str) -> SlotRing:
@@ -110,6 +153,9 @@ class SlotRing:
             pass
         if self.owner:
             self.path.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class SlotPool:

@@ -123,6 +123,11 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                415: "unsupported_media_type", 422: "validation_error", 503: "busy"}
 
 
+def http_error(exc: StarletteHTTPException) -> ApiError:
+    """Starlette's HTTP exceptions (404 routes, 405, the body limits' 408/413) in our shape."""
+    return ApiError(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), str(exc.detail), headers=exc.headers)
+
+
 def install_handlers(app: FastAPI) -> None:
     def respond(request: Request, err: ApiError) -> JSONResponse:
         return error_response(err, getattr(request.state, "request_id", None), request.url.path)
@@ -140,8 +145,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "error")
-        return respond(request, ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers))
+        return respond(request, http_error(exc))
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:

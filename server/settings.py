@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     frontend_workers: int | None = Field(None, ge=0, le=256)  # None: one per spare core (>= 1); 0: one process
     shm_slots: int = Field(64, ge=1, le=65536)               # shared-memory slots per front end (images in flight)
     shm_slot_bytes: int = Field(4 << 20, ge=1 << 16)         # one decoded image (H*W*3) or a (3, H, W) float32
-    decode_threads: int = Field(2, ge=1, le=256)             # image-decoding threads per HTTP process
+    decode_threads: int = Field(2, ge=0, le=256)             # image-decoding threads per HTTP process; 0: inline
     pin_memory: bool = True                                  # CUDA: stage uploads in pinned host memory
+    cuda_graphs: bool = False                                # CUDA: the forward through graphs at batch buckets
     engine_start_timeout_s: float = Field(600.0, gt=0)       # the engine's backbone load, before front ends start
 
     # limits

@@ -144,7 +144,8 @@ class AppState:
         bank = PromptBank(backbone, store, settings.bank_bytes, host_capacity_bytes=settings.host_cache_bytes)
         gate = PriorityGate(settings.training_share, device=backbone.device)
         batcher = Batcher(backbone, bank, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate, pin_memory=settings.pin_memory)
+                          queue_limit=settings.queue_limit, metrics=metrics, gate=gate, pin_memory=settings.pin_memory,
+                          cuda_graphs=settings.cuda_graphs)
         decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)

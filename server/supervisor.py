@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.channel import ENV_INDEX, ENV_SHM, ENV_SOCKET, RingLayout, SlotRing
+from server.channel import ENV_INDEX, ENV_SHM, ENV_SOCKET, RingLayout, SlotRing, sweep_stale_rings
 from server.settings import Settings
 
 log = logging.getLogger("vpt-serve.supervisor")
@@ -42,6 +42,7 @@ class Supervisor:
         self.settings = settings
         self.n = settings.frontends
         self.workdir = Path(tempfile.mkdtemp(prefix="vpt-serve-"))
+        sweep_stale_rings()  # what a SIGKILLed server left (its lock died with it)
         self.ring = SlotRing.create(RingLayout(self.n, settings.shm_slots, settings.shm_slot_bytes))
         self.socket_path = str(self.workdir / "engine.sock")
         self.metrics_dir = self.workdir / "metrics"

@@ -10,6 +10,7 @@ at the end of each sequence with a per-sample valid length.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -289,11 +290,13 @@ def apply_heads_grouped(features: Tensor, slots: list[SlotTensors], slot_ids: li
 
 
 def forward_grouped(backbone: Backbone, images: Tensor, table: PromptTable, slots: list[SlotTensors],
-                    slot_ids: list[int]) -> list[tuple[list[int], Tensor]]:
+                    slot_ids: list[int], features: Callable[..., Tensor] | None = None
+                    ) -> list[tuple[list[int], Tensor]]:
     """(B, 3, H, W) images, `table = pack_slots(backbone, slots)`, `slot_ids[b]` the sample's task
-    -> per class count `(rows, logits (n, C))` (see `apply_heads_grouped`)."""
+    -> per class count `(rows, logits (n, C))` (see `apply_heads_grouped`). `features` replaces
+    `forward_features` (same signature; vpt/graphs.py's bucketed CUDA graphs)."""
     slot = torch.tensor(slot_ids, dtype=torch.long).to(images.device)                       # (B,)
-    return apply_heads_grouped(forward_features(backbone, images, table, slot), slots, slot_ids)
+    return apply_heads_grouped((features or forward_features)(backbone, images, table, slot), slots, slot_ids)
 
 
 __all__ = ["PromptTable", "SlotTensors", "allocate_table", "apply_heads", "apply_heads_grouped", "forward_features",

@@ -23,6 +23,7 @@ from prompt_store.bank import Lease, PromptBank
 from server.errors import ApiError, busy
 from vpt.backbone import Backbone
 from vpt.engine import forward_grouped
+from vpt.graphs import GraphedForward
 from vpt.preprocess import Preprocessor
 from vpt.priority import PriorityGate
 
@@ -68,12 +69,13 @@ class _Request:
 class Batcher:
     def __init__(self, backbone: Backbone, bank: PromptBank, *, max_batch_size: int, max_wait_ms: float,
                  queue_limit: int, metrics: Any = None, gate: PriorityGate | None = None,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, cuda_graphs: bool = False) -> None:
         self.backbone, self.bank, self.metrics = backbone, bank, metrics
         self.gate = gate or PriorityGate()  # serving first when training shares the device
         self.preprocess = Preprocessor(backbone.data_config)
         self.pin_memory = pin_memory and torch.device(backbone.device).type == "cuda"
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
+        self.features = GraphedForward(backbone, max_batch_size, cuda_graphs)  # the plain forward unless CUDA + flag
         self.queue_limit = queue_limit
         self._q: queue.Queue[_Request] = queue.Queue()
         self._carry: deque[_Request] = deque()
@@ -170,18 +172,18 @@ class Batcher:
                         self._resolve(r, exc=e)
 
     def _resolve(self, req: _Request, result: Outcome | None = None, exc: BaseException | None = None) -> None:
-        def done() -> None:
-            if req.future.done():
-                return
-            if exc is not None:
-                req.future.set_exception(exc)
-            else:
-                req.future.set_result(result)
+        self._deliver([(req, result, exc)])
 
-        try:
-            req.loop.call_soon_threadsafe(done)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+    def _deliver(self, answers: list[tuple[_Request, Outcome | None, BaseException | None]]) -> None:
+        """Answer requests from this thread: one wake-up per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for answer in answers:
+            by_loop.setdefault(answer[0].loop, []).append(answer)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _run(self, batch: list[_Request]) -> None:
         lease, errors = self.bank.acquire_each([(r.tenant, r.task_id) for r in batch])
@@ -207,14 +209,14 @@ class Batcher:
         with torch.inference_mode():
             for s in range(0, images.shape[0], self.max_batch_size):  # heads grouped: no task padded to another's classes
                 for rows, logits in forward_grouped(bb, images[s:s + self.max_batch_size], lease.table, lease.slots,
-                                                    slot[s:s + self.max_batch_size]):                  # (n, C)
+                                                    slot[s:s + self.max_batch_size], self.features):   # (n, C)
                     for r, row in zip(rows, torch.softmax(logits.float(), dim=-1).cpu()):
                         p[s + r] = row
         forward_ms = (time.perf_counter() - t0) * 1000
         self.batches += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(images.shape[0])
-        row = 0
+        row, answers = 0, []
         for i in ok:
             req, task = batch[i], lease.tasks[i]
             k = min(req.top_k, len(task.classes))
@@ -223,7 +225,8 @@ class Batcher:
                        for srow, irow in zip(scores, idx)]
             row += req.n
             queue_ms = (t0 - req.enqueued) * 1000
-            self._resolve(req, Outcome(task.key.version, results, queue_ms, forward_ms, images.shape[0]))
+            answers.append((req, Outcome(task.key.version, results, queue_ms, forward_ms, images.shape[0]), None))
+        self._deliver(answers)
 
     def _inputs(self, parts: list[Inputs]) -> Tensor:
         """The batch on the device: decoded images preprocessed together, preprocessed ones as they are."""
@@ -238,6 +241,17 @@ class Batcher:
             else:
                 out.append(p.to(bb.device, bb.dtype, non_blocking=True))
         return out[0] if len(out) == 1 else torch.cat(out)                                    # (B, 3, H, W)
+
+
+def _settle(answers: list[tuple[_Request, Outcome | None, BaseException | None]]) -> None:
+    """On the requests' event loop: each future gets its result or error (unless its waiter left)."""
+    for req, result, exc in answers:
+        if req.future.done():
+            continue
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(result)
 
 
 __all__ = ["ApiError", "Batcher", "Outcome", "TopK"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -123,6 +122,7 @@ class EngineService:
         tenant, task = str(msg["tenant"]), str(msg["task"])
         inputs = self._inputs(list(msg["items"]), blobs, frontend)
         outcome = await self.state.predict(tenant, task, inputs, int(msg["top_k"]))
-        return {"version": outcome.version, "results": [[asdict(t) for t in row] for row in outcome.results],
+        results = [[{"label": t.label, "index": t.index, "score": t.score} for t in row] for row in outcome.results]
+        return {"version": outcome.version, "results": results,
                 "queue_ms": outcome.queue_ms, "forward_ms": outcome.forward_ms,
                 "batch_images": outcome.batch_images}

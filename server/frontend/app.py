@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.console import routes as console
 from server.errors import install_handlers, is_oip_path, oip_error_body
+from server.frontend.fastpath import FastPredict
 from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.frontend.state import FrontendState
 from server.settings import Settings
@@ -28,13 +30,21 @@ access = logging.getLogger("vpt.access")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+_RID_PREFIX = os.urandom(10).hex()  # per process; with a counter: unique ids without a uuid4 per request
+_RID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """32 hex characters: this process's random prefix and a counter."""
+    return f"{_RID_PREFIX}{next(_RID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
 async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict:
     """The next body message, or 408 when the client stalls (idle) or the body takes too long."""
     wait = min(idle_s, deadline - time.monotonic())
     try:
-        return await asyncio.wait_for(receive(), timeout=max(0.0, wait))
+        async with asyncio.timeout(max(0.0, wait)):  # a timer, not wait_for's extra task per body chunk
+            return await receive()
     except TimeoutError:
         raise StarletteHTTPException(408, "the request body arrived too slowly") from None
 
@@ -44,6 +54,8 @@ class RequestContext:
 
     def __init__(self, app: ASGIApp, settings: Settings, fastapi_app: FastAPI) -> None:
         self.app, self.settings, self.fastapi_app = app, settings, fastapi_app
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}  # labelled metrics, per state
+        self.fast = FastPredict(fastapi_app)
 
     def limit_for(self, path: str) -> int:
         s = self.settings
@@ -61,7 +73,7 @@ class RequestContext:
             return
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = rid if _RID.match(rid) else uuid.uuid4().hex
+        rid = rid if rid and _RID.match(rid) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         limit = self.limit_for(scope["path"])
         status = {"code": 500}
@@ -79,12 +91,12 @@ class RequestContext:
         except ValueError:
             declared = 0
         try:
-            await self._dispatch(scope, receive, send_with_id, declared, limit, rid)
+            await self._dispatch(scope, receive, send_with_id, declared, limit, rid, self.fast.accepts(scope, headers))
         finally:
             self._observe(scope, status["code"], time.perf_counter() - t0, rid)
 
     async def _dispatch(self, scope: Scope, receive: Callable, send: Callable, declared: int, limit: int,
-                        rid: str) -> None:
+                        rid: str, fast: tuple[str, int] | None) -> None:
         if declared > limit:
             await self._reject(send, rid, limit, scope["path"])
         else:
@@ -102,7 +114,10 @@ class RequestContext:
                         raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
                 return message
 
-            await self.app(scope, counted_receive, send)
+            if fast is not None:
+                await self.fast(scope, counted_receive, send, fast)
+            else:
+                await self.app(scope, counted_receive, send)
 
     async def _reject(self, send: Callable, rid: str, limit: int, path: str) -> None:
         message = f"the request body exceeds {limit} bytes"
@@ -121,8 +136,15 @@ class RequestContext:
         access.info("%s %s %d %.1fms rid=%s", method, scope["path"], status, seconds * 1000, rid)
         state = getattr(self.fastapi_app.state, "vpt", None)
         if state is not None:
-            state.metrics.requests.labels(template, method, str(status)).inc()
-            state.metrics.latency.labels(template, method).observe(seconds)
+            key = (template, method, status)
+            children = self._children.get(key)
+            if children is None or children[0] is not state.metrics:  # `labels()` locks: look up each series once
+                children = (state.metrics, state.metrics.requests.labels(template, method, str(status)),
+                            state.metrics.latency.labels(template, method))
+                if len(self._children) < 10_000:
+                    self._children[key] = children
+            children[1].inc()
+            children[2].observe(seconds)
 
 
 def create_app(settings: Settings | None = None, state: AppState | None = None,

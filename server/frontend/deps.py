@@ -1,4 +1,8 @@
-"""Request dependencies: the app state and the caller's tenant."""
+"""Request dependencies: the app state and the caller's tenant.
+
+Both are `async def` on purpose: FastAPI runs a plain `def` dependency in a worker thread, two thread
+hops per request that cost more CPU than the work itself (they never block).
+"""
 from __future__ import annotations
 
 import ipaddress
@@ -11,7 +15,7 @@ from server.frontend.auth import DEFAULT_TENANT
 from server.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state = getattr(request.app.state, "vpt", None)
     if state is None:
         raise ApiError(503, "not_ready", "the server is starting", headers={"Retry-After": "2"})
@@ -39,7 +43,7 @@ def is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
-def get_tenant(request: Request, state: State) -> str:
+async def get_tenant(request: Request, state: State) -> str:
     """The tenant of the presented API key; `default` when keys are off (loopback callers only)."""
     if not state.keyring.enabled:
         client = request.client.host if request.client else None

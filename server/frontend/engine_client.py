@@ -88,9 +88,8 @@ class EngineClient:
         self._pending[rid] = (fut, list(slots))
         self._writer.writelines(encode_frame({**msg, "id": rid}, list(blobs)))
         try:
-            return await asyncio.shield(fut)
+            return await fut  # cancelling this wait cancels `fut`; its slots stay pending until the answer
         except asyncio.CancelledError:  # timed out or the client left: the engine skips it if it can
-            fut.add_done_callback(_consume)
             if self.connected and rid in self._pending:
                 self._writer.writelines(encode_frame({"op": "abandon", "id": 0, "target": rid}))
             raise
@@ -116,12 +115,6 @@ class EngineClient:
                              blobs, used)
         results = [[TopK(**t) for t in row] for row in ok["results"]]
         return Outcome(ok["version"], results, ok["queue_ms"], ok["forward_ms"], ok["batch_images"])
-
-
-def _consume(fut: asyncio.Future) -> None:
-    """Nobody waits for an abandoned request's answer: read its error so asyncio does not log it."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _array_item(arr: np.ndarray) -> tuple[dict[str, Any], memoryview]:

@@ -71,18 +71,26 @@ class TaskRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                state, tenant, task = getattr(request.app.state, "vpt", None), _tenant(request), _task_of(request)
-                if not _is_missing_task(exc) or state is None or tenant is None or task is None:
+                better = await better_error(request, exc)
+                if better is None:
                     raise
-                try:
-                    better = await run_in_threadpool(explain_missing, state.store, tenant, task,
-                                                     predicting=request.url.path == "/predict")
-                except StoreError as e:  # the plain 404 is still true
-                    log.info("no explanation for the missing task %r: %s", task, e)
-                    raise exc from None
                 raise better from exc
 
         return explained
+
+
+async def better_error(request: Request, exc: Exception) -> ApiError | None:
+    """`explain_missing`'s answer when `exc` says the request's task is missing; None to keep `exc`
+    (also used by the raw-image /predict fast path, server/frontend/fastpath.py)."""
+    state, tenant, task = getattr(request.app.state, "vpt", None), _tenant(request), _task_of(request)
+    if not _is_missing_task(exc) or state is None or tenant is None or task is None:
+        return None
+    try:
+        return await run_in_threadpool(explain_missing, state.store, tenant, task,
+                                       predicting=request.url.path == "/predict")
+    except StoreError as e:  # the plain 404 is still true
+        log.info("no explanation for the missing task %r: %s", task, e)
+        return None
 
 
 def _tenant(request: Request) -> str | None:

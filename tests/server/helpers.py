@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -73,3 +76,11 @@ def wait_job(c: httpx.Client, job_id: str, until: Callable[[dict], bool] = finis
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id}: condition not met within {timeout}s: {job}")
+
+
+def ring_owner(root: Path) -> tuple[subprocess.Popen, Path]:
+    """A real process that creates a ring and lives until killed; the ring's path."""
+    code = ("import sys, time; from server.channel import RingLayout, SlotRing; "
+            "r = SlotRing.create(RingLayout(1, 2, 4096)); print(r.path, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())

@@ -3,6 +3,7 @@ front end that drops its connection wedges nothing. A real engine (tiny ViT) ans
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from server.channel import RingLayout, SlotPool, SlotRing
+from server.channel import RingLayout, SlotPool, SlotRing, sweep_stale_rings
 from server.engine.service import EngineService
 from server.errors import ApiError
 from server.frontend.engine_client import EngineClient
 from server.settings import Settings
 from server.state import AppState
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
-from tests.server.helpers import backbone_for, constant_task
+from tests.server.helpers import backbone_for, constant_task, ring_owner
 from vpt.task import read_metadata
 
 
@@ -84,11 +85,13 @@ async def _run_handoff(state: AppState, tmp_path: Path) -> None:
         async def one(i: int) -> None:
             imgs = _images(rng, 1 + i % 3)
             out = await client.predict("default", "t", imgs, top_k=2)
-            seen.update(s for s in range(24) if s not in client.pool.free)
             assert len(out.results) == len(imgs) and all(r[0].label == "two" for r in out.results)
 
         for start in range(0, 240, 8):  # 240 requests (~480 images), 8 at a time, through 24 slots
-            await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+            wave = [asyncio.create_task(one(i)) for i in range(start, start + 8)]
+            await asyncio.sleep(0)  # each has taken its slots and sent its request
+            seen.update(s for s in range(24) if s not in client.pool.free)
+            await asyncio.gather(*wave)
         assert client.pool.in_use == 0          # every slot came back, and was reused ~20 times
         assert 2 <= len(seen) <= 24
         big = [rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)]  # 36 kB > a 16 kB slot: inline
@@ -115,6 +118,7 @@ async def _run_handoff(state: AppState, tmp_path: Path) -> None:
         await client.close()
     finally:
         server.close()
+        state.batcher.stop()  # nothing reads the ring once it is unmapped (as the engine process stops)
         ring.close()
 
 
@@ -142,9 +146,32 @@ async def _run_timeout(state: AppState, tmp_path: Path) -> None:
         await client.close()
     finally:
         server.close()
+        state.batcher.stop()
         ring.close()
 
 
 def test_abandoned_requests_keep_their_slots_until_the_engine_answers(engine_state: AppState,
                                                                       tmp_path: Path) -> None:
     asyncio.run(_run_timeout(engine_state, tmp_path))
+
+
+def test_rings_of_sigkilled_owners_are_swept_and_live_ones_kept() -> None:
+    root = Path(__file__).resolve().parents[2]
+    (dead, dead_path), (alive, alive_path) = ring_owner(root), ring_owner(root)
+    mine = SlotRing.create(RingLayout(1, 2, 4096))
+    try:
+        assert dead_path.name.startswith(f"vpt-ring-{dead.pid}-") and dead_path.exists()
+        dead.send_signal(signal.SIGKILL)
+        assert dead.wait(30) == -signal.SIGKILL
+        assert dead_path.exists()  # nobody removed it: the owner had no chance
+        removed = sweep_stale_rings()
+        assert not dead_path.exists()  # (another server starting meanwhile may have swept it first)
+        assert alive_path.exists() and mine.path.exists()  # their owners hold their locks
+        assert alive_path not in removed and mine.path not in removed
+    finally:
+        alive.kill()
+        alive.wait(30)
+        mine.close()
+    assert not mine.path.exists()
+    sweep_stale_rings()
+    assert not alive_path.exists()  # killed too: the next sweep takes it

@@ -1,5 +1,6 @@
 """Front-end processes over real uvicorn processes: a crashed front end is replaced, metrics merge
-across front ends, SIGTERM stops everything with status 0; the single-process mode still serves."""
+across front ends, SIGTERM stops everything with status 0, a SIGKILLed server's ring file is swept
+at the next start; the single-process mode still serves."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.helpers import backbone_for, constant_task, png
+from tests.server.helpers import backbone_for, constant_task, png, ring_owner
 
 
 def children(pid: int) -> dict[str, list[int]]:
@@ -38,7 +39,12 @@ def counter(text: str, prefix: str) -> float:
 
 
 def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_server, tiny_vit_file) -> None:
+    owner, stale = ring_owner(Path(__file__).resolve().parents[2])
+    owner.send_signal(signal.SIGKILL)  # a server killed with -9 leaves its ring file behind
+    owner.wait(30)
+    assert stale.exists()
     proc = start_server(env={"VPT_FRONTEND_WORKERS": "2", "VPT_WORKERS": "0"})
+    assert not stale.exists()  # the next server's supervisor swept it
     bb = backbone_for(str(tiny_vit_file))
     httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=1)).raise_for_status()
     kids = children(proc.proc.pid)

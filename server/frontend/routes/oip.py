@@ -6,7 +6,6 @@ Tensors and their checks live in oip_tensors.py; this module only routes.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import zlib
 
@@ -176,9 +175,7 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 async def _images(state: AppState, req: InferRequest) -> Tensor:
     """(N, 3, H, W) float32, normalised as the backbone expects."""
     if req.encoded is not None:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(state.decoder.pool, state.decoder.decode_all,
-                                          [(data, f"#{i}") for i, data in enumerate(req.encoded)])
+        return await state.decoder.decode([(data, f"#{i}") for i, data in enumerate(req.encoded)])
     x = torch.from_numpy(np.array(req.pixels, dtype=np.float32))                # (N, 3, H, W)
     if req.pixels.dtype == np.uint8:                                            # pixels: normalise like timm
         dc = state.backbone.data_config
