@@ -10,9 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from prompt_store.errors import TaskNotFound
 from prompt_store.ids import validate_id
+from prompt_store.pages import DEFAULT_LIMIT, MAX_LIMIT, task_page
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
-from server.frontend.missing import TaskRoute
+from server.frontend.missing import TaskRoute, paged
 from server.frontend.openapi import errors
 from server.frontend.schemas import (
     ErrorOut,
@@ -21,6 +22,7 @@ from server.frontend.schemas import (
     VersionList,
     VersionOut,
     task_out,
+    task_summary,
     version_out,
 )
 from vpt.backbone import parse_dtype
@@ -51,8 +53,14 @@ def _version(task_id: str, version: int | None) -> int | None:
 
 
 @router.get("/tasks", response_model=TaskList)
-def list_tasks(state: State, tenant: Tenant) -> TaskList:
-    return TaskList(tasks=[task_out(i, _element_size(state), _running(state)) for i in state.store.list_tasks(tenant)])
+def list_tasks(state: State, tenant: Tenant,
+               limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="tasks per page"),
+               cursor: str | None = Query(None, description="`next_cursor` of the previous page")) -> TaskList:
+    """The tenant's tasks by id, a page at a time: the cheap facts of each (`GET /tasks/{task_id}` has
+    class names and metrics); follow `next_cursor` until it is null."""
+    page = paged(task_page, state.store, tenant, limit, cursor)
+    size, running = _element_size(state), _running(state)
+    return TaskList(tasks=[task_summary(i, size, running) for i in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut)
