@@ -32,16 +32,26 @@ IMAGES = {"VPT_CUDA_IMAGE": "vpt-standin/base:bookworm", "VPT_REDIS_IMAGE": f"{P
 BUILT = [IMAGES["VPT_REDIS_IMAGE"], IMAGES["VPT_PROXY_IMAGE"], f"{IMAGES['VPT_IMAGE']}:latest"]
 
 
+def _dangling() -> set[str]:
+    """Untagged top-level images: what the classic builder leaves of a multi-stage build's stages."""
+    return set(docker("images", "-q", "--no-trunc", "--filter", "dangling=true").split())
+
+
 @pytest.fixture(scope="session")
 def images() -> Iterator[dict[str, str]]:
     if not engine_answers():
         pytest.skip("no Docker engine answers (start one: dockerd &)")
+    before = _dangling()
     done = subprocess.run(["bash", "deploy/standin/build.sh"], cwd=ROOT, env=os.environ | IMAGES, check=False,
                           timeout=5400)
     assert done.returncode == 0, "deploy/standin/build.sh failed (its output is above)"
     yield IMAGES
     if os.environ.get("VPT_COMPOSE_TEST_KEEP_IMAGES") != "1":
         docker("rmi", *BUILT, check=False)
+        # the builder and wheels stages (gigabytes: torch) and an image the build replaced under our tag
+        left = sorted(_dangling() - before)
+        if left:
+            docker("rmi", *left, check=False)
 
 
 @pytest.fixture
