@@ -107,6 +107,8 @@ def test_every_route_answers_as_its_document_says(served: Served) -> None:
                 media_type="multipart/form-data")
     served.call("POST", "/predict", 400, query={"task": TASK}, body={"image": [b"no image"]},
                 media_type="multipart/form-data")
+    served.call("POST", "/predict", 200, query={"task": TASK}, body=png, media_type="image/png")  # raw body
+    served.call("POST", "/predict", 400, query={"task": TASK}, body=b"no image", media_type="image/png")
     served.call("GET", "/jobs", 200)
     served.call("GET", "/jobs/{job_id}", 404, path_parameters={"job_id": "job-oa-missing"})
     for path in ("/backbone", "/healthz", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
