@@ -21,6 +21,12 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+class ReadyOut(BaseModel):
+    status: str = Field(examples=["ready"])
+    checks: dict[str, str] = Field(examples=[{"backbone": "ok", "batcher": "ok", "store": "ok", "disk": "ok"}])
+    details: dict[str, Any] = Field(default_factory=dict, description="e.g. `unservable_tasks`, with a hint")
+
+
 class VersionOut(BaseModel):
     version: int = Field(examples=[3])
     current: bool

@@ -20,6 +20,7 @@ from prompt_store.records import JOB_STATES, TERMINAL_STATES
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
 from server.frontend.missing import paged
+from server.frontend.openapi import errors
 from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
 from server.state import ingest_limits
 from vpt.data.preflight import preflight_archive
@@ -76,7 +77,7 @@ def _spool(upload: UploadFile, directory: Path) -> Path:
 
 
 @router.post("/tasks/{task_id}/train", status_code=202, response_model=JobOut, openapi_extra=TRAIN_BODY,
-             responses={409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut}})
+             responses=errors(409, 413, 415, 429, 507))
 async def train(task_id: str, request: Request, state: State, tenant: Tenant) -> JSONResponse:
     """Upload a dataset and queue a training job; the finished job publishes a new task version.
 

@@ -14,6 +14,7 @@ from prompt_store.pages import DEFAULT_LIMIT, MAX_LIMIT, task_page
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
 from server.frontend.missing import TaskRoute, paged
+from server.frontend.openapi import errors
 from server.frontend.schemas import (
     ErrorOut,
     TaskList,
@@ -67,7 +68,7 @@ def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
     return task_out(state.store.get_info(tenant, validate_id(task_id)), _element_size(state), _running(state))
 
 
-@router.delete("/tasks/{task_id}", status_code=204)
+@router.delete("/tasks/{task_id}", status_code=204, responses=errors(409, 507))
 def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
     """Delete every version; a queued or running training job of the task is cancelled first (also
     when that job is the task's first, so no version exists yet)."""
@@ -99,7 +100,7 @@ def get_version(task_id: str, version: int, state: State, tenant: Tenant) -> Ver
     return version_out(record, info.current_version, full=True, element_size=_element_size(state))
 
 
-@router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut)
+@router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut, responses=errors(409, 507))
 def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOut:
     """Make version `n` current (rollback or forward); every replica serves it from its next batch."""
     _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
@@ -119,7 +120,7 @@ def export(task_id: str, state: State, tenant: Tenant, version: int | None = Que
                              "X-Task-Version": str(record.version)})
 
 
-@router.put("/tasks/{task_id}/import", response_model=TaskOut, status_code=201,
+@router.put("/tasks/{task_id}/import", response_model=TaskOut, status_code=201, responses=errors(409, 507),
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/octet-stream": {"schema": {
                                                "type": "string", "format": "binary"}}}}})
