@@ -30,6 +30,11 @@ CODES = frozenset({
 })
 
 
+def _text(value: str) -> str:
+    """`value` as valid Unicode: an archive name that was no UTF-8 keeps its bytes as `\\udcff` escapes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class DatasetError(VPTError):
     """An uploaded dataset was refused.
 
@@ -39,10 +44,11 @@ class DatasetError(VPTError):
 
     def __init__(self, code: str, message: str, entries: Iterable[str] = ()) -> None:
         assert code in CODES, code
+        message = _text(message)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.entries: list[str] = [str(e) for e in islice(entries, MAX_ENTRIES)]
+        self.entries: list[str] = [_text(str(e)) for e in islice(entries, MAX_ENTRIES)]
 
     def __str__(self) -> str:
         if not self.entries:
