@@ -31,6 +31,26 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_args(ap: argparse.ArgumentParser) -> None:
+    """--model, --device and --dtype, as every engine-level bench takes them."""
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, Backbone, torch.Tensor]:
+    """The device, `args.model` with random weights (seed 0) and a random (args.batch, 3, H, W) batch on it."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    bb = load_backbone(args.model, pretrained=False, device=device, dtype=dtype)
+    images = torch.randn(args.batch, *bb.data_config["input_size"], device=device, dtype=dtype)  # (B, 3, H, W)
+    return device, bb, images
+
+
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin so that drifting background
     load hits every contender alike; one warm-up call each first."""
@@ -63,13 +83,8 @@ def official_forward(bb: Backbone, images: torch.Tensor, prompts: torch.Tensor) 
 
 
 def run(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    torch.manual_seed(0)
-    bb = load_backbone(args.model, pretrained=False, device=device, dtype=dtype)
-    B = args.batch
-    size = bb.data_config["input_size"]
-    images = torch.randn(B, *size, device=device, dtype=dtype)
+    device, bb, images = setup(args)
+    dtype, B = images.dtype, args.batch
     slot = torch.arange(B, device=device) % args.tasks
     for p in args.prompts:
         tasks = [TaskParams.new(TaskSpec("vpt-deep", p, tuple(f"c{i}" for i in range(10))), bb)
@@ -105,13 +120,11 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_base_patch16_224")
+    add_device_args(ap)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--prompts", type=int, nargs="+", default=[10, 50, 200])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     run(ap.parse_args())
 
 

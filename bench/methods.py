@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import device_name, interleaved
-from vpt.backbone import Backbone, load_backbone
+from bench.engine import add_device_args, device_name, interleaved, setup
+from vpt.backbone import Backbone
 from vpt.engine import forward_logits, stack_slots, task_slot_tensors
 from vpt.task import TaskParams, TaskSpec
 
@@ -43,12 +43,8 @@ def make_task(bb: Backbone, name: str, seed: int) -> TaskParams:
 
 
 def run(args: argparse.Namespace) -> None:
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    torch.manual_seed(0)
-    bb = load_backbone(args.model, pretrained=False, device=device, dtype=dtype)
+    device, bb, images = setup(args)
     B = args.batch
-    images = torch.randn(B, *bb.data_config["input_size"], device=device, dtype=dtype)
     tasks = {name: make_task(bb, name, i) for i, name in enumerate(METHODS)}
     slots = {name: task_slot_tensors(bb, t) for name, t in tasks.items()}
 
@@ -85,12 +81,10 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_base_patch16_224")
+    add_device_args(ap)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--alone", nargs="*", choices=list(METHODS), help="methods timed alone (default: all)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     run(ap.parse_args())
 
 

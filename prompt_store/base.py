@@ -43,6 +43,10 @@ class Store(ABC):
     def list_tasks(self, tenant: str) -> list[TaskInfo]:
         """The tenant's tasks, sorted by task id."""
 
+    def list_task_ids(self, tenant: str) -> list[str]:
+        """The tenant's task ids, sorted, read without their records (a listing page reads only its own)."""
+        return sorted(t.task_id for t in self.list_tasks(tenant))
+
     @abstractmethod
     def list_tenants(self) -> list[str]:
         """Every tenant that has stored something, sorted."""

@@ -240,6 +240,10 @@ class LocalStore(LocalJobsMixin, Store):
                 out.append(self.get_info(tenant, task_id))
         return out
 
+    def list_task_ids(self, tenant: str) -> list[str]:
+        with self._io():
+            return sorted(_id_entries(self.paths.tasks_dir(tenant)))
+
     def list_tenants(self) -> list[str]:
         with self._io():
             return sorted(_id_entries(self.paths.tenants_dir))

@@ -205,6 +205,11 @@ class RedisStore(RedisJobsMixin, Store):
         return self._infos(tenant, task_ids)
 
     @translated
+    def list_task_ids(self, tenant: str) -> list[str]:
+        validate_id(tenant, "tenant")
+        return sorted(_s(t) for t in self.client.smembers(self.keys.tasks(tenant)))
+
+    @translated
     def list_tenants(self) -> list[str]:
         return sorted(_s(t) for t in self.client.smembers(self.keys.tenants()))
 

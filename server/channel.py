@@ -65,10 +65,13 @@ def sweep_stale_rings(base: Path | None = None) -> list[Path]:
     """Remove ring files whose owner is gone (a SIGKILLed supervisor cannot remove its own).
 
     The owner holds an exclusive `flock` on its ring file for as long as it lives; the kernel drops
-    it when the process dies, however it dies. A file whose lock can be taken has no owner. (The pid
-    in the name is for people; a lock is immune to pid reuse.) Returns the removed paths."""
+    it when the process dies, however it dies. A file is removed only when both say its owner is
+    gone: its lock can be taken (immune to pid reuse) and the pid in its name is not running (so a
+    ring of an older server that took no lock is never removed under it). Returns the removed paths."""
     removed = []
     for path in sorted((base or ring_dir()).glob(RING_PREFIX + "*")):
+        if _pid_alive(_owner_pid(path.name)):
+            continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:  # gone meanwhile, or not ours to open
@@ -86,6 +89,24 @@ def sweep_stale_rings(base: Path | None = None) -> list[Path]:
         log.warning("removed %d shared-memory ring file(s) left by dead servers: %s", len(removed),
                     ", ".join(p.name for p in removed))
     return removed
+
+
+def _owner_pid(name: str) -> int | None:
+    pid = name.removeprefix(RING_PREFIX).split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    """True when `pid` runs (or cannot be checked: then the file is kept)."""
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 class SlotRing:

@@ -76,15 +76,14 @@ def _train_and_score(out: Path, archive: Path, held_out: list, weights: Path) ->
     from vpt.data import ImageDataset
     from vpt.options import TrainOptions
     from vpt.pipeline import evaluate, train_task_from_archive
-    from vpt.transforms import eval_transform
+    from vpt.preprocess import to_uint8_hwc
 
     backbone = load_backbone(demo.DEMO_NAME, weights=weights, model_kwargs=demo.DEMO_KWARGS)
     options = TrainOptions(**DEMO_OPTIONS)
     with tempfile.TemporaryDirectory(prefix="vpt-demo-") as tmp:
         result = train_task_from_archive(archive, Path(tmp) / "work", backbone, options, extra={"task": "digits"})
         paths = demo.write_images(Path(tmp) / "held_out", held_out)
-        data = ImageDataset([(p, digit) for p, (digit, _) in zip(paths, held_out)],
-                            eval_transform(backbone.data_config))
+        data = ImageDataset([(p, digit) for p, (digit, _) in zip(paths, held_out)], to_uint8_hwc)
         report = evaluate(backbone, result_params(result, backbone), data, list(demo.CLASSES), options)
     (out / "digits.safetensors").write_bytes(result.task_file)
     (out / "digits.json").write_text(json.dumps({"held_out_accuracy": report.accuracy,

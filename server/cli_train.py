@@ -230,7 +230,7 @@ def eval_command(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vpt.data import ImageDataset, ingest_archive
     from vpt.pipeline import evaluate
-    from vpt.preprocess import ImageTransform
+    from vpt.preprocess import to_uint8_hwc
     from vpt.task import load_task_file
     from vpt.train import TrainOptions
 
@@ -254,8 +254,8 @@ def _eval(args: argparse.Namespace) -> int:
             raise CliError("invalid_parameter", f"the dataset has no {args.split} images")
         samples = [(path, index[label]) for path, label in picked]
         options = TrainOptions(batch_size=args.batch_size)
-        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, ImageTransform(
-            backbone.data_config)), classes, options, batch_size=args.batch_size)
+        report = evaluate(backbone, task.params.to(backbone.device), ImageDataset(samples, to_uint8_hwc), classes,
+                          options, batch_size=args.batch_size)   # uint8 images, preprocessed as the engine does
     _print_report(report, args)
     return 0
 

@@ -76,6 +76,12 @@ def build_backbone(settings: Settings) -> Backbone:
                          device=device, dtype=dtype, seed=settings.backbone_seed)
 
 
+def ingest_limits(settings: Settings) -> IngestLimits:
+    """The dataset limits of this server: the same for the submit checks and the job's ingestion."""
+    return IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
+                        max_classes=settings.max_task_classes)
+
+
 def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Backbone,
                  name: str | None = None, gate: PriorityGate | None = None) -> TrainingWorker:
     """A training worker with the settings' limits (in-process or `vpt-serve worker`).
@@ -83,9 +89,7 @@ def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Ba
     In-process workers share the batcher's `gate` (serving first); a worker of its own gets one
     that only puts its steps on a low-priority CUDA stream.
     """
-    limits = IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
-                          max_classes=settings.max_task_classes)
-    return TrainingWorker(store, queue, backbone, work_dir=work_dir(settings), limits=limits,
+    return TrainingWorker(store, queue, backbone, work_dir=work_dir(settings), limits=ingest_limits(settings),
                           heartbeat_s=settings.job_heartbeat_s, stale_s=settings.job_stale_s, name=name,
                           max_deliveries=settings.job_max_claims, uploads_dir=settings.uploads_dir.resolve(),
                           sweep_s=settings.job_sweep_s,

@@ -17,6 +17,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from vpt.backbone import Backbone
+from vpt.runs import need_validation, train_runs
 from vpt.train import (
     CancelFn,
     Progress,
@@ -24,10 +25,8 @@ from vpt.train import (
     StepGate,
     TrainingDiverged,
     TrainOptions,
-    TrainOptionsError,
     TrainOutcome,
     total_steps,
-    train_task,
 )
 
 log = logging.getLogger(__name__)
@@ -47,21 +46,20 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
              options: TrainOptions, on_progress: ProgressFn | None = None,
              should_cancel: CancelFn | None = None, step_gate: StepGate | None = None) -> AutoResult:
     """Train each of `options.auto_methods`; the best validation accuracy wins."""
-    if not val_set:
-        raise TrainOptionsError("method auto: picking a method needs validation images; set val_fraction > 0 "
-                                "or give the dataset a val split", field="method")
+    need_validation(val_set, "method auto: picking a method", "method")
     candidates = list(dict.fromkeys(options.auto_methods))
     progress = Progress(len(candidates), total_steps(len(train_set), options), on_progress)
     progress.leaderboard = []
+
+    def before(_: int, run_options: TrainOptions) -> None:
+        progress.method = run_options.method
+
     best: tuple[tuple[float, int, int], TrainOutcome] | None = None
-    for i, method in enumerate(candidates, start=1):
-        progress.run, progress.method = i, method
-        run_options = options.replace(method=method)
-        try:
-            outcome = train_task(backbone, classes, train_set, val_set, run_options, should_cancel=should_cancel,
-                                 progress=progress, step_gate=step_gate)
-        except TrainingDiverged as e:
-            log.info("auto: %s diverged: %s", method, e.message)
+    runs = [options.replace(method=method) for method in candidates]
+    for run in train_runs(backbone, classes, train_set, val_set, runs, progress, should_cancel, step_gate, before):
+        method, outcome = run.options.method, run.outcome
+        if outcome is None:
+            log.info("auto: %s diverged: %s", method, run.diverged.message if run.diverged else "")
             progress.leaderboard.append({"method": method, "val_accuracy": None, "trainable_parameters": None,
                                          "train_time_s": None, "diverged": True})
             _candidate_done(progress, None)
@@ -71,8 +69,8 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
         progress.leaderboard.append({"method": method, "val_accuracy": acc, "trainable_parameters": params,
                                      "train_time_s": round(outcome.seconds, 3), "diverged": False})
         _candidate_done(progress, acc)
-        log.info("auto %d/%d: %s -> val acc %.4f (%d trainable)", i, len(candidates), method, acc, params)
-        key = (-acc, params, i)
+        log.info("auto %d/%d: %s -> val acc %.4f (%d trainable)", run.index, len(candidates), method, acc, params)
+        key = (-acc, params, run.index)
         if best is None or key < best[0]:
             best = (key, outcome)
     if best is None:

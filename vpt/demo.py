@@ -85,6 +85,25 @@ def write_images(directory: Path, pairs: Iterable[tuple[int, Image.Image]]) -> l
     return out
 
 
+def fit_all_weights(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
+    """Train every weight of a classifier on images x (N, 3, H, W) and labels y (N,): AdamW (lr 2e-3,
+    wd 0.05), a one-cycle schedule, batches of 64 in an order seeded by `seed`. Leaves it in train mode."""
+    steps = epochs * ((len(x) + 63) // 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])              # (B, 10) logits
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
 def pretrain_backbone(path: Path, images_per_class: int = 120, epochs: int = 12, seed: int = 0) -> Path:
     """Train the demo ViT on synthetic digits (draw `seed + 1000`), save it without its head."""
     import timm
@@ -99,20 +118,7 @@ def pretrain_backbone(path: Path, images_per_class: int = 120, epochs: int = 12,
         data = digit_images(images_per_class, seed + 1000)
         x = torch.stack([transform(img) for _, img in data])                 # (N, 3, 32, 32)
         y = torch.tensor([digit for digit, _ in data])                       # (N,)
-        steps = epochs * ((len(x) + 63) // 64)
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-        g = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), 64):
-                idx = perm[i:i + 64]
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
+        fit_all_weights(model, x, y, epochs, seed)
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}

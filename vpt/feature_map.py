@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vpt.backbone import Backbone
+from vpt.batches import collate_images, device_batch
 from vpt.engine import forward_features, training_table
 from vpt.task import TaskParams, TaskSpec
 from vpt.train import CancelFn, TrainingCancelled, check_cancel
@@ -45,13 +46,13 @@ def cls_features(backbone: Backbone, params: TaskParams, data: Dataset, batch_si
     dev = backbone.device
     linear = TaskParams.new(TaskSpec("linear", 0, params.spec.classes), backbone)  # no prompts: the frozen backbone
     lin_feats, task_feats, labels = [], [], []
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_images)
     with torch.inference_mode():
         lin_table, _ = training_table(backbone, linear, 1, dropout=0.0, training=False)
         task_table, _ = training_table(backbone, params, 1, dropout=0.0, training=False)
         for images, y in loader:
             check_cancel(should_cancel)
-            images = images.to(dev, backbone.dtype)                                    # (B, 3, H, W)
+            images = device_batch(images, dev, backbone.dtype, None, backbone.data_config)  # (B, 3, H, W)
             slot = torch.zeros(images.shape[0], dtype=torch.long, device=dev)          # (B,)
             lin_feats.append(forward_features(backbone, images, lin_table, slot).float().cpu())   # (B, d)
             task_feats.append(forward_features(backbone, images, task_table, slot).float().cpu())  # (B, d)

@@ -21,6 +21,7 @@ from vpt.backbone import Backbone
 from vpt.data import ImageDataset, IngestedDataset, IngestLimits, Sample, ingest_archive, split_dataset
 from vpt.feature_map import safe_feature_map
 from vpt.metrics import ClassificationReport
+from vpt.preprocess import to_uint8_hwc
 from vpt.sweep import run_sweep
 from vpt.task import TaskParams, TaskSpec, save_task_file
 from vpt.train import (
@@ -37,7 +38,6 @@ from vpt.train import (
     predict,
     train_task,
 )
-from vpt.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
                             extra: dict[str, Any] | None = None, step_gate: StepGate | None = None) -> TrainResult:
     """Train on an ingested dataset: its own val split, else a stratified `val_fraction` split."""
     train, val = split_dataset(dataset, options.val_fraction, options.seed)
-    cfg = backbone.data_config
-    train_set = ImageDataset(train, train_transform(cfg, options.augmentation))
-    val_set = ImageDataset(val, eval_transform(cfg)) if val else None
+    # uint8 images: training preprocesses (and augments) them on the device as the engine does (vpt.batches)
+    train_set = ImageDataset(train, to_uint8_hwc)
+    val_set = ImageDataset(val, to_uint8_hwc) if val else None
     started = time.perf_counter()
     sweep = auto = None
     if options.method == "auto":
@@ -126,7 +126,8 @@ def train_task_from_dataset(dataset: IngestedDataset, backbone: Backbone, option
 def evaluate(backbone: Backbone, params: TaskParams, data: ImageDataset, classes: Sequence[str],
              options: TrainOptions | None = None, should_cancel: CancelFn | None = None,
              batch_size: int | None = None) -> ClassificationReport:
-    """Accuracy, per-class accuracy and confusion of `params` over `data` (eval transform applied).
+    """Accuracy, per-class accuracy and confusion of `params` over `data` (uint8 images: the serving
+    preprocessing; tensors: taken as they are).
 
     Batches hold `batch_size` images; None means max(options.batch_size, 64).
     """

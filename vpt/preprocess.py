@@ -83,28 +83,49 @@ class Preprocessor:
         """uint8 (H, W, 3) images -> (n, 3, height, width) normalised `dtype` batch on `device`.
 
         `pin`: stage each size group in pinned host memory so the upload overlaps (CUDA only)."""
-        n = len(images)
-        out = torch.empty((n, 3, self.height, self.width), device=device, dtype=torch.float32)  # (n, 3, H', W')
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            if img.dim() != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
-                raise ValueError(f"image {i}: expected uint8 (H, W, 3), got {img.dtype} {tuple(img.shape)}")
-            groups.setdefault((int(img.shape[0]), int(img.shape[1])), []).append(i)
-        for (h, w), idx in groups.items():
+        out = torch.empty((len(images), 3, self.height, self.width), device=device,
+                          dtype=torch.float32)                                              # (n, 3, H', W')
+        for (h, w), idx in size_groups(images).items():
             g = self.geometry(h, w)
-            batch = torch.stack([images[i] for i in idx])                                  # (k, h, w, 3) uint8
-            batch = (batch.pin_memory() if pin else batch).to(device, non_blocking=True)
-            x = batch.permute(0, 3, 1, 2).float()                                          # (k, 3, h, w)
-            if (g.rh, g.rw) != (h, w):
-                aa = self.mode in ("bilinear", "bicubic")
-                x = F.interpolate(x, size=(g.rh, g.rw), mode=self.mode, antialias=aa,
-                                  **({"align_corners": False} if aa else {}))               # (k, 3, rh, rw)
-                x = x.clamp_(0, 255).round_()                                               # PIL's uint8 output
-            x = _crop(x, g, self.height, self.width)                                        # (k, 3, H', W')
-            out[idx] = x
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255.0
-        return ((out - mean) / std).to(dtype)
+            x = upload(images, idx, device, pin)                                            # (k, 3, h, w)
+            x = resize(x, (g.rh, g.rw), self.mode)                                          # (k, 3, rh, rw)
+            out[idx] = _crop(x, g, self.height, self.width)                                 # (k, 3, H', W')
+        return normalise(out, self.mean, self.std).to(dtype)
+
+
+def size_groups(images: Sequence[Tensor]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the uint8 (H, W, 3) `images` by (H, W), in order; anything else is a ValueError."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        if img.dim() != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
+            raise ValueError(f"image {i}: expected uint8 (H, W, 3), got {img.dtype} {tuple(img.shape)}")
+        groups.setdefault((int(img.shape[0]), int(img.shape[1])), []).append(i)
+    return groups
+
+
+def upload(images: Sequence[Tensor], idx: Sequence[int], device: torch.device | str, pin: bool = False) -> Tensor:
+    """Images `idx` (one size) as a float (k, 3, h, w) batch of 0..255 values on `device`.
+
+    `pin`: stage the group in pinned host memory so the upload overlaps (CUDA only)."""
+    batch = torch.stack([images[i] for i in idx])                                           # (k, h, w, 3) uint8
+    batch = (batch.pin_memory() if pin else batch).to(device, non_blocking=True)
+    return batch.permute(0, 3, 1, 2).float()                                                # (k, 3, h, w)
+
+
+def resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """(k, 3, h, w) 0..255 -> (k, 3, *size), antialiased for bilinear/bicubic, rounded as PIL's uint8 output."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    aa = mode in ("bilinear", "bicubic")
+    x = F.interpolate(x, size=size, mode=mode, antialias=aa, **({"align_corners": False} if aa else {}))
+    return x.clamp_(0, 255).round_()
+
+
+def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(n, 3, H, W) 0..255 -> (x / 255 - mean) / std, per channel, float32."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255.0
+    return (x - m) / s
 
 
 def _crop(x: Tensor, g: EvalGeometry, height: int, width: int) -> Tensor:

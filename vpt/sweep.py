@@ -14,13 +14,13 @@ parameters are kept as they are; nothing is retrained.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
 from vpt.backbone import Backbone
+from vpt.runs import need_validation, train_runs
 from vpt.train import (
     CancelFn,
     Progress,
@@ -31,7 +31,6 @@ from vpt.train import (
     TrainOptionsError,
     TrainOutcome,
     total_steps,
-    train_task,
 )
 
 log = logging.getLogger(__name__)
@@ -95,24 +94,19 @@ def run_sweep(backbone: Backbone, classes: Sequence[str], train_set: Dataset, va
               should_cancel: CancelFn | None = None, grid: Sequence[tuple[float, float]] | None = None,
               step_gate: StepGate | None = None) -> SweepResult:
     """Train one run per (base_lr, weight_decay) of `options.sweep` (or `grid`); keep the best."""
-    if not val_set:
-        raise TrainOptionsError("sweep: scoring runs needs validation images; set val_fraction > 0 or give the "
-                                "dataset a val split", field="sweep")
+    need_validation(val_set, "sweep: scoring runs", "sweep")
     pairs = list(grid) if grid is not None else sweep_grid(options.sweep)
     progress = Progress(len(pairs), total_steps(len(train_set), options), on_progress)
     runs: list[SweepRun] = []
     best_run: SweepRun | None = None
     winner: TrainOutcome | None = None
-    for i, (lr, wd) in enumerate(pairs, start=1):
-        progress.run = i
-        started = time.perf_counter()
-        try:
-            outcome = train_task(backbone, classes, train_set, val_set,
-                                 options.replace(base_lr=lr, weight_decay=wd), should_cancel=should_cancel,
-                                 progress=progress, step_gate=step_gate)
-        except TrainingDiverged as e:  # a too-large lr is a result of the search, not a failure of it
-            log.info("sweep run %d/%d: base_lr %g, wd %g diverged: %s", i, len(pairs), lr, wd, e.message)
-            runs.append(SweepRun(lr, wd, 0.0, None, None, time.perf_counter() - started, diverged=True))
+    trials = [options.replace(base_lr=lr, weight_decay=wd) for lr, wd in pairs]
+    for trial in train_runs(backbone, classes, train_set, val_set, trials, progress, should_cancel, step_gate):
+        lr, wd, i, outcome = trial.options.base_lr, trial.options.weight_decay, trial.index, trial.outcome
+        if outcome is None:  # a too-large lr is a result of the search, not a failure of it
+            log.info("sweep run %d/%d: base_lr %g, wd %g diverged: %s", i, len(pairs), lr, wd,
+                     trial.diverged.message if trial.diverged else "")
+            runs.append(SweepRun(lr, wd, 0.0, None, None, trial.seconds, diverged=True))
             continue
         run = SweepRun(lr, wd, float(outcome.best_val_acc or 0.0), outcome.best_epoch,
                        outcome.history[-1].train_loss, outcome.seconds)

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vpt.backbone import Backbone
+from vpt.batches import BatchTransform, collate_images, device_batch, train_batch_transform
 from vpt.engine import forward_logits, training_table
 from vpt.errors import TaskSpecError, TrainingError, TrainOptionsError
 from vpt.metrics import accuracy
@@ -161,8 +162,10 @@ def make_optimizer(params: TaskParams, options: TrainOptions) -> torch.optim.SGD
 
 def make_loader(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
                 options: TrainOptions, device: torch.device) -> DataLoader:
-    """Batches in order, or shuffled by `generator`; the last batch may be smaller (as the official code)."""
+    """Batches in order, or shuffled by `generator`; the last batch may be smaller (as the official code).
+    uint8 images stay lists, preprocessed on the device (`vpt.batches`)."""
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+                      collate_fn=collate_images,
                       num_workers=options.num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=options.num_workers > 0)
 
@@ -181,7 +184,7 @@ def predict(backbone: Backbone, params: TaskParams, loader: DataLoader, amp: boo
         table, _ = training_table(backbone, params, 1, dropout=0.0, training=False)
         for images, y in loader:
             check_cancel(should_cancel)
-            images = images.to(dev, backbone.dtype, non_blocking=True)            # (B, 3, H, W)
+            images = device_batch(images, dev, backbone.dtype, None, backbone.data_config)  # (B, 3, H, W)
             slot = torch.zeros(images.shape[0], dtype=torch.long, device=dev)       # (B,)
             outs.append(forward_logits(backbone, images, table, slot).float().cpu())  # (B, C)
             labels.append(y.cpu())
@@ -190,10 +193,10 @@ def predict(backbone: Backbone, params: TaskParams, loader: DataLoader, amp: boo
     return logits, logits.argmax(dim=1), y
 
 
-def _train_step(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, images: Tensor,
-                labels: Tensor, dropout: float, amp: bool) -> Tensor:
+def _train_step(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, images: Tensor | list[Tensor],
+                labels: Tensor, dropout: float, amp: bool, augment: BatchTransform | None = None) -> Tensor:
     dev = backbone.device
-    images = images.to(dev, backbone.dtype, non_blocking=True)                       # (B, 3, H, W)
+    images = device_batch(images, dev, backbone.dtype, augment, backbone.data_config)  # (B, 3, H, W)
     labels = labels.to(dev, non_blocking=True)                                       # (B,)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         table, slot = training_table(backbone, params, images.shape[0], dropout, training=True)
@@ -244,8 +247,9 @@ def train_task(backbone: Backbone, classes: Sequence[str], train_set: Dataset, v
         shuffle = torch.Generator().manual_seed(options.seed + 1)
         loader = make_loader(train_set, options.batch_size, True, shuffle, options, dev)
         val_loader = make_loader(val_set, options.batch_size, False, None, options, dev) if val_set else None
+        state = _RunState(augment=train_batch_transform(backbone.data_config, options.augmentation))
         return _run(backbone, params, optimizer, loader, val_loader, options, progress, should_cancel,
-                    amp, warmup, total, step_gate or nullcontext)
+                    amp, warmup, total, step_gate or nullcontext, state)
 
 
 @dataclass
@@ -254,6 +258,7 @@ class _RunState:
     images: int = 0
     val_acc: float | None = None
     best: tuple[float, int, dict[str, Tensor]] | None = None
+    augment: BatchTransform | None = None   # the training batches' transform for uint8 images
     started: float = field(default_factory=time.perf_counter)
 
     def speed(self) -> float:
@@ -273,7 +278,8 @@ def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.
         for group in optimizer.param_groups:
             group["lr"] = lr
         with step_gate():
-            loss = _train_step(backbone, params, optimizer, images, labels, params.spec.prompt_dropout, amp)
+            loss = _train_step(backbone, params, optimizer, images, labels, params.spec.prompt_dropout, amp,
+                               state.augment)
         if state.step == 0:
             _check_gradients(params)
         value = float(loss)
@@ -290,9 +296,9 @@ def _train_epoch(backbone: Backbone, params: TaskParams, optimizer: torch.optim.
 
 def _run(backbone: Backbone, params: TaskParams, optimizer: torch.optim.SGD, loader: DataLoader,
          val_loader: DataLoader | None, options: TrainOptions, progress: Progress,
-         should_cancel: CancelFn | None, amp: bool, warmup: int, total: int, step_gate: StepGate) -> TrainOutcome:
+         should_cancel: CancelFn | None, amp: bool, warmup: int, total: int, step_gate: StepGate,
+         state: _RunState) -> TrainOutcome:
     history: list[EpochRecord] = []
-    state = _RunState()
     info = {"base_lr": options.base_lr, "weight_decay": options.weight_decay, "epochs": options.epochs}
     for epoch in range(1, options.epochs + 1):
         epoch_start = time.perf_counter()

@@ -120,7 +120,13 @@ class AsyncTasks:
         self._client = client
 
     async def list(self) -> list[Task]:
-        return await self._client._call(calls.list_tasks())
+        """Every task, by id (the server's pages followed): the listing's facts; `get` has the rest."""
+        page = await self._client._call(calls.list_tasks())
+        items = list(page.items)
+        while page.next_cursor:
+            page = await self._client._call(calls.list_tasks(page.next_cursor))
+            items += page.items
+        return items
 
     async def get(self, task: str) -> Task:
         return await self._client._call(calls.get_task(task))
@@ -167,7 +173,13 @@ class AsyncJobs:
         self._client = client
 
     async def list(self, task: str | None = None, state: str | None = None) -> list[Job]:
-        return await self._client._call(calls.list_jobs(task, state))
+        """Every job, newest first, optionally of one task or state (the server's pages followed)."""
+        page = await self._client._call(calls.list_jobs(task, state))
+        items = list(page.items)
+        while page.next_cursor:
+            page = await self._client._call(calls.list_jobs(task, state, page.next_cursor))
+            items += page.items
+        return items
 
     async def get(self, job_id: str) -> Job:
         return await self._client._call(calls.get_job(job_id))

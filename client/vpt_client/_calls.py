@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import httpx
@@ -35,6 +35,22 @@ def _listed(key: str, cls: Any) -> Any:
     return lambda response: [cls.model_validate(item) for item in response.json()[key]]
 
 
+class Page(NamedTuple):
+    """One page of a listing; `next_cursor` is None on the last (and from servers that do not page)."""
+
+    items: list[Any]
+    next_cursor: str | None
+
+
+def _paged(key: str, cls: Any) -> Any:
+    def parse(response: httpx.Response) -> Page:
+        body = response.json()
+        cursor = body.get("next_cursor")
+        return Page([cls.model_validate(item) for item in body[key]], cursor if isinstance(cursor, str) else None)
+
+    return parse
+
+
 def _nothing(response: httpx.Response) -> None:
     return None
 
@@ -48,8 +64,10 @@ def _readiness(response: httpx.Response) -> Readiness:
     return Readiness(status=err.get("code") or "not_ready", checks=checks, message=err.get("message"))
 
 
-def list_tasks() -> Call[list[Task]]:
-    return Call("GET", "/tasks", _listed("tasks", Task), Retry.IDEMPOTENT)
+def list_tasks(cursor: str | None = None) -> Call[Page]:
+    """One page of tasks; the clients follow `next_cursor` to list them all."""
+    return Call("GET", "/tasks", _paged("tasks", Task), Retry.IDEMPOTENT,
+                params={"cursor": cursor} if cursor else None)
 
 
 def get_task(task: str) -> Call[Task]:
@@ -83,9 +101,10 @@ def import_task(task: str, content: bytes, timeout: TimeoutTypes | None) -> Call
                 timeout=UPLOAD_TIMEOUT if timeout is None else timeout)
 
 
-def list_jobs(task: str | None, state: str | None) -> Call[list[Job]]:
-    params = {k: v for k, v in (("task", task), ("state", state)) if v is not None}
-    return Call("GET", "/jobs", _listed("jobs", Job), Retry.IDEMPOTENT, params=params or None)
+def list_jobs(task: str | None, state: str | None, cursor: str | None = None) -> Call[Page]:
+    """One page of jobs, newest first; the clients follow `next_cursor` to list them all."""
+    params = {k: v for k, v in (("task", task), ("state", state), ("cursor", cursor)) if v is not None}
+    return Call("GET", "/jobs", _paged("jobs", Job), Retry.IDEMPOTENT, params=params or None)
 
 
 def get_job(job_id: str) -> Call[Job]:

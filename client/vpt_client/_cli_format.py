@@ -61,6 +61,21 @@ def details(pairs: Sequence[tuple[str, Any]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {cell(v)}" for k, v in pairs)
 
 
+def error_details(exc: Exception, limit: int = 20) -> list[str]:
+    """The lines under an error: what its `details` name (e.g. a dataset's offending files), from the
+    server's answer or from a failed job's error; nothing when it has none."""
+    found = getattr(exc, "details", None)
+    job = getattr(exc, "job", None)
+    if found is None and job is not None and job.error is not None:
+        found = job.error.details
+    if isinstance(found, dict):
+        found = [f"{k}: {cell(v)}" for k, v in found.items()]
+    if not isinstance(found, list):
+        return [] if found is None else [cell(found)]
+    lines = [cell(item) for item in found[:limit]]
+    return lines + ([f"... and {len(found) - limit} more"] if len(found) > limit else [])
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -129,7 +129,13 @@ class Tasks:
         self._client = client
 
     def list(self) -> list[Task]:
-        return self._client._call(calls.list_tasks())
+        """Every task, by id (the server's pages followed): the listing's facts; `get` has the rest."""
+        page = self._client._call(calls.list_tasks())
+        items = list(page.items)
+        while page.next_cursor:
+            page = self._client._call(calls.list_tasks(page.next_cursor))
+            items += page.items
+        return items
 
     def get(self, task: str) -> Task:
         return self._client._call(calls.get_task(task))
@@ -179,7 +185,13 @@ class Jobs:
         self._client = client
 
     def list(self, task: str | None = None, state: str | None = None) -> list[Job]:
-        return self._client._call(calls.list_jobs(task, state))
+        """Every job, newest first, optionally of one task or state (the server's pages followed)."""
+        page = self._client._call(calls.list_jobs(task, state))
+        items = list(page.items)
+        while page.next_cursor:
+            page = self._client._call(calls.list_jobs(task, state, page.next_cursor))
+            items += page.items
+        return items
 
     def get(self, job_id: str) -> Job:
         return self._client._call(calls.get_job(job_id))

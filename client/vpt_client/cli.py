@@ -1,7 +1,8 @@
 """`vpt`: the command line of vpt-client.
 
-Exit status: 0 on success, 1 on an error (printed as `error: <code>: <message>`, and a training
-job that failed or was cancelled counts as one), 2 on a usage error, 130 when interrupted.
+Exit status: 0 on success, 1 on an error (printed as `error: <code>: <message>`, then one indented
+line per entry the error's details name, e.g. a dataset's offending files; a training job that
+failed or was cancelled counts as one), 2 on a usage error, 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
     if not tasks and not args.json:
         _out("no tasks yet: train one with `vpt train TASK DATASET` or import a file with `vpt import TASK FILE`")
         return 0
-    rows = [(t.task_id, t.current_version, t.num_versions, t.method, t.num_prompts, len(t.classes),
+    rows = [(t.task_id, t.current_version, t.num_versions, t.method, t.num_prompts, t.class_count,
              fmt.human_bytes(t.size_bytes), t.updated_at) for t in tasks]
     _emit(args, tasks, lambda: fmt.table(
         ("TASK", "VERSION", "VERSIONS", "METHOD", "PROMPTS", "CLASSES", "SIZE", "UPDATED"), rows))
@@ -274,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VPTError as exc:
         sys.stdout.flush()
         sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
+        sys.stderr.writelines(f"  {line}\n" for line in fmt.error_details(exc))
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

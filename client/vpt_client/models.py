@@ -35,6 +35,15 @@ class Task(_Model):
     updated_at: datetime | None = None
     size_bytes: int | None = None
     metrics: dict[str, Any] | None = None
+    num_classes: int | None = None       # the listing gives this instead of `classes`
+    val_accuracy: float | None = None    # the listing's one metric
+    servable: bool = True
+    reason: str | None = None
+
+    @property
+    def class_count(self) -> int:
+        """The number of classes, from a listing (`num_classes`) or a full task (`classes`)."""
+        return self.num_classes if self.num_classes is not None else len(self.classes)
 
 
 class Version(_Model):
@@ -74,6 +83,7 @@ class JobProgress(_Model):
 class JobError(_Model):
     code: str = "error"
     message: str = ""
+    details: Any = None  # e.g. the dataset entries that made the job fail
 
 
 class Job(_Model):

@@ -12,7 +12,8 @@ from fastapi.responses import Response
 
 from server.errors import ApiError
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(tags=["console"])
+PAGE = {200: {"description": "a file of the console", "content": {"text/html": {"schema": {"type": "string"}}}}}
 
 STATIC = (Path(__file__).parent / "static").resolve()
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -30,13 +31,13 @@ def _file(rel: str) -> Response:
     return Response(path.read_bytes(), media_type=TYPES[path.suffix], headers=HEADERS)
 
 
-@router.get("/console")
-@router.get("/console/")
+@router.get("/console", response_class=Response, responses=PAGE)
+@router.get("/console/", response_class=Response, include_in_schema=False)
 def console_page() -> Response:
     """The console's page; its views live in the URL fragment (`#/tasks`, `#/task/<id>`, ...)."""
     return _file("index.html")
 
 
-@router.get("/console/static/{rel:path}")
+@router.get("/console/static/{rel:path}", response_class=Response, responses={**PAGE, 404: {"description": "not_found"}})
 def console_static(rel: str) -> Response:
     return _file(rel)

@@ -12,13 +12,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.console import routes as console
-from server.errors import install_handlers, is_oip_path, oip_error_body
+from server.errors import ApiError, error_response, install_handlers, is_oip_path, oip_error_body
 from server.frontend.fastpath import FastPredict
+from server.frontend.openapi import install_openapi
 from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.frontend.state import FrontendState
 from server.settings import Settings
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 access = logging.getLogger("vpt.access")
 
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 _RID_PREFIX = os.urandom(10).hex()  # per process; with a counter: unique ids without a uuid4 per request
@@ -37,6 +42,44 @@ _RID_COUNTER = itertools.count(1)
 def new_request_id() -> str:
     """32 hex characters: this process's random prefix and a counter."""
     return f"{_RID_PREFIX}{next(_RID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
+
+
+def head_as_get(scope: Scope, receive: Callable, send: Callable) -> tuple[Scope, Callable, Callable]:
+    """HEAD on any GET route: the app runs the GET (on a copy of the scope); its status and headers go
+    out, its body does not. A streamed body ends at once: the app then reads a disconnect."""
+    ended = {"done": False}
+
+    async def head_send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            await send(message)
+        elif message["type"] == "http.response.body" and not ended["done"]:
+            ended["done"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def head_receive() -> dict:
+        if ended["done"]:
+            return {"type": "http.disconnect"}
+        return await receive()
+
+    return {**scope, "method": "GET"}, head_receive, head_send
+
+
+def install_method_not_allowed(app: FastAPI, routers: list[APIRouter]) -> None:
+    """405 `method_not_allowed` with an `Allow` header naming every method of every route on the path
+    (Starlette names only the first route's), HEAD wherever GET is."""
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        allowed: set[str] = set()
+        for route in (r for router in routers for r in router.routes):
+            if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+                allowed |= route.methods
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        allow = ", ".join(m for m in _METHOD_ORDER if m in allowed)
+        err = ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use {allow}",
+                       headers={"Allow": allow})
+        return error_response(err, getattr(request.state, "request_id", None), request.url.path)
+
+    app.add_exception_handler(405, handler)
 
 
 async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict:
@@ -71,6 +114,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        method = scope.get("method", "")
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = rid if rid and _RID.match(rid) else new_request_id()
@@ -90,10 +134,13 @@ class RequestContext:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
+        inner = scope
+        if method == "HEAD":  # the server (uvicorn) keeps its own scope: it knows no body follows
+            inner, receive, send_with_id = head_as_get(scope, receive, send_with_id)
         try:
-            await self._dispatch(scope, receive, send_with_id, declared, limit, rid, self.fast.accepts(scope, headers))
+            await self._dispatch(inner, receive, send_with_id, declared, limit, rid, self.fast.accepts(inner, headers))
         finally:
-            self._observe(scope, status["code"], time.perf_counter() - t0, rid)
+            self._observe(inner, method, status["code"], time.perf_counter() - t0, rid)
 
     async def _dispatch(self, scope: Scope, receive: Callable, send: Callable, declared: int, limit: int,
                         rid: str, fast: tuple[str, int] | None) -> None:
@@ -129,10 +176,9 @@ class RequestContext:
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def _observe(self, scope: Scope, status: int, seconds: float, rid: str) -> None:
+    def _observe(self, scope: Scope, method: str, status: int, seconds: float, rid: str) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        method = scope.get("method", "")
         access.info("%s %s %d %.1fms rid=%s", method, scope["path"], status, seconds * 1000, rid)
         state = getattr(self.fastapi_app.state, "vpt", None)
         if state is not None:
@@ -176,9 +222,13 @@ def create_app(settings: Settings | None = None, state: AppState | None = None,
     app = FastAPI(title="vpt-serve", version="0.1.0", lifespan=lifespan,
                   description="Many image classifiers on one frozen ViT with Visual Prompt Tuning. "
                               "Errors are `{\"error\": {\"code\", \"message\"}}`; the Open Inference "
-                              "Protocol routes under `/v2` answer `{\"error\": \"<message>\"}`.")
+                              "Protocol routes under `/v2` answer `{\"error\": \"<message>\"}`. Every GET "
+                              "route also answers HEAD: the same status and headers, no body.")
     install_handlers(app)
-    for module in (tasks, jobs, predict, system, oip, console):
-        app.include_router(module.router)
+    routers = [module.router for module in (tasks, jobs, predict, system, oip, console)]
+    for router in routers:
+        app.include_router(router)
+    install_openapi(app, routers)
+    install_method_not_allowed(app, routers)
     app.add_middleware(RequestContext, settings=settings, fastapi_app=app)
     return app

@@ -1,4 +1,5 @@
-"""Answers for a task id that names no task: the closest existing id, or the job training its first version.
+"""Answers for a task id that names no task: the closest existing id, or the job training its first version;
+and for a listing cursor that names nothing.
 
 Routes of the `tasks` and `predict` routers use `TaskRoute`: when a handler (or the engine process
 behind it) finds no task, the 404 names the closest task id of the same tenant ("did you mean"),
@@ -10,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
@@ -19,11 +20,13 @@ from starlette.responses import Response
 
 from prompt_store.base import Store
 from prompt_store.errors import StoreError, TaskNotFound
+from prompt_store.pages import InvalidCursor, Page
 from server.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "running")
+T = TypeVar("T")
 
 
 def _is_missing_task(exc: BaseException) -> bool:
@@ -91,6 +94,14 @@ async def better_error(request: Request, exc: Exception) -> ApiError | None:
     except StoreError as e:  # the plain 404 is still true
         log.info("no explanation for the missing task %r: %s", task, e)
         return None
+
+
+def paged(lister: Callable[..., Page[T]], *args: Any) -> Page[T]:
+    """`lister(*args)` with a cursor it did not hand out answered 400 `invalid_parameter`."""
+    try:
+        return lister(*args)
+    except InvalidCursor as e:
+        raise ApiError(400, "invalid_parameter", str(e), details={"field": "cursor"}) from e
 
 
 def _tenant(request: Request) -> str | None:

@@ -21,6 +21,12 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
+class ReadyOut(BaseModel):
+    status: str = Field(examples=["ready"])
+    checks: dict[str, str] = Field(examples=[{"backbone": "ok", "batcher": "ok", "store": "ok", "disk": "ok"}])
+    details: dict[str, Any] = Field(default_factory=dict, description="e.g. `unservable_tasks`, with a hint")
+
+
 class VersionOut(BaseModel):
     version: int = Field(examples=[3])
     current: bool
@@ -60,8 +66,32 @@ class TaskOut(BaseModel):
     reason: str | None = Field(None, description="why the task is not servable (e.g. backbone_mismatch)")
 
 
+class TaskSummary(BaseModel):
+    """A task in `GET /tasks`: what is cheap to show for many; `GET /tasks/{task_id}` has the rest
+    (class names, metrics)."""
+
+    task_id: str = Field(examples=["flowers"])
+    current_version: int
+    num_versions: int
+    method: str = Field(examples=["vpt-deep"])
+    num_prompts: int = Field(examples=[10])
+    num_classes: int = Field(examples=[5])
+    head: str = Field("linear", examples=["linear", "mlp-3"])
+    pooling: str = Field("cls", examples=["cls"])
+    backbone: str = Field(examples=["vit_base_patch16_224.orig_in21k"])
+    backbone_fingerprint: str
+    created_at: float
+    updated_at: float
+    size_bytes: int
+    bank_bytes: int | None = Field(None, description="bytes this task takes in the serving bank")
+    val_accuracy: float | None = Field(None, description="the current version's validation accuracy, if known")
+    servable: bool = Field(True, description="false when this server's backbone cannot serve the current version")
+    reason: str | None = Field(None, description="why the task is not servable (e.g. backbone_mismatch)")
+
+
 class TaskList(BaseModel):
-    tasks: list[TaskOut]
+    tasks: list[TaskSummary]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
 
 
 class VersionList(BaseModel):
@@ -87,6 +117,7 @@ class JobOut(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobOut]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
 
 
 class TopKOut(BaseModel):
@@ -216,6 +247,24 @@ def task_out(info: TaskInfo, element_size: int = 4, backbone: tuple[str, str] | 
                    backbone_fingerprint=m.get("backbone_fingerprint", ""), created_at=info.created_at,
                    updated_at=info.updated_at, size_bytes=info.current.size_bytes, metrics=_summary_metrics(m),
                    servable=reason is None, reason=reason)
+
+
+def task_summary(info: TaskInfo, element_size: int = 4, backbone: tuple[str, str] | None = None) -> TaskSummary:
+    """The listing's view of a task: no class names, no metrics but the validation accuracy."""
+    m = info.current.metadata
+    reason = unservable_reason(m, *backbone) if backbone is not None else None
+    metrics = _json_field(m, "metrics", None)
+    accuracy = metrics.get("val_accuracy") if isinstance(metrics, dict) else None
+    fields = method_fields(m, element_size)
+    return TaskSummary(task_id=info.task_id, current_version=info.current_version, num_versions=info.num_versions,
+                       method=m.get("method", "unknown"), num_prompts=int(m.get("num_prompts", "0") or 0),
+                       num_classes=len(_json_field(m, "classes", [])), head=fields["head"],
+                       pooling=fields["pooling"], backbone=m.get("backbone", ""),
+                       backbone_fingerprint=m.get("backbone_fingerprint", ""), created_at=info.created_at,
+                       updated_at=info.updated_at, size_bytes=info.current.size_bytes,
+                       bank_bytes=fields["bank_bytes"],
+                       val_accuracy=accuracy if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)
+                       else None, servable=reason is None, reason=reason)
 
 
 def job_out(job: JobRecord) -> JobOut:

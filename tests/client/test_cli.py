@@ -87,6 +87,24 @@ def test_train_failed_job_exits_1(server: FakeServer, capsys: pytest.CaptureFixt
     assert err.strip().splitlines()[-1] == "error: dataset_too_few_classes: need 2 classes"
 
 
+def test_train_prints_the_files_a_refused_dataset_names(server: FakeServer, capsys: pytest.CaptureFixture[str],
+                                                         tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    server.on("POST", "/tasks/digits/train", error(400, "dataset_corrupt_image", "images could not be decoded (2 files)",
+                                                   details=["b/0.png", "b/7.png"]))
+    code, out, err = run(server, capsys, "train", "digits", str(tmp_path))
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-3:] == ["error: dataset_corrupt_image: images could not be decoded (2 files)",
+                                     "  b/0.png", "  b/7.png"]
+    failed = samples.job("failed", error={"code": "dataset_corrupt_image", "message": "images could not be decoded "
+                                          "(1 files)", "details": ["c/9.png"]})  # found by the job, past the sample
+    server.on("POST", "/tasks/digits/train", reply(202, samples.job("queued", epoch=None)))
+    server.on("GET", "/jobs/j-1/events", sse([("progress", failed), ("end", "{}")]))
+    code, _, err = run(server, capsys, "train", "digits", str(tmp_path))
+    assert code == 1 and err.splitlines()[-2:] == ["error: dataset_corrupt_image: images could not be decoded "
+                                                   "(1 files)", "  c/9.png"]
+
+
 def test_train_no_wait_and_fallback_to_polling(server: FakeServer, capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path) -> None:
     archive = tmp_path / "d.zip"

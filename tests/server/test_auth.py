@@ -95,7 +95,9 @@ def test_unauthenticated_server_refuses_a_public_bind(tmp_path, tiny_vit_env) ->
 
 def test_metrics_needs_its_token_when_one_is_set(start_server) -> None:
     proc = start_server(env={"VPT_WORKERS": "0", "VPT_METRICS_TOKEN": "scrape-token-123"})
-    assert httpx.get(proc.base_url + "/metrics").status_code == 403
-    assert httpx.get(proc.base_url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(proc.base_url + "/metrics", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
+        assert r.headers["www-authenticate"] == "Bearer"
     r = httpx.get(proc.base_url + "/metrics", headers={"Authorization": "Bearer scrape-token-123"})
     assert r.status_code == 200 and "vpt_http_requests_total" in r.text

@@ -159,6 +159,8 @@ def test_rings_of_sigkilled_owners_are_swept_and_live_ones_kept() -> None:
     root = Path(__file__).resolve().parents[2]
     (dead, dead_path), (alive, alive_path) = ring_owner(root), ring_owner(root)
     mine = SlotRing.create(RingLayout(1, 2, 4096))
+    unlocked = mine.path.with_name(f"vpt-ring-{alive.pid}-0ld5erve")  # an older server's ring: no lock, pid alive
+    unlocked.write_bytes(b"\0" * 64)
     try:
         assert dead_path.name.startswith(f"vpt-ring-{dead.pid}-") and dead_path.exists()
         dead.send_signal(signal.SIGKILL)
@@ -168,10 +170,11 @@ def test_rings_of_sigkilled_owners_are_swept_and_live_ones_kept() -> None:
         assert not dead_path.exists()  # (another server starting meanwhile may have swept it first)
         assert alive_path.exists() and mine.path.exists()  # their owners hold their locks
         assert alive_path not in removed and mine.path not in removed
+        assert unlocked.exists()  # unlocked, but its pid runs: kept
     finally:
         alive.kill()
         alive.wait(30)
         mine.close()
     assert not mine.path.exists()
     sweep_stale_rings()
-    assert not alive_path.exists()  # killed too: the next sweep takes it
+    assert not alive_path.exists() and not unlocked.exists()  # killed too: the next sweep takes both

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.cli_train import add_train_commands
-from tests.fixtures.digits import make_digits_tree
+from tests.fixtures.digits import make_digits_tree, make_digits_zip
 from tests.fixtures.vit import TINY_NAME, save_tiny_vit
 from vpt.backbone import load_backbone
 from vpt.task import load_task_file
@@ -108,3 +109,49 @@ def test_the_module_runs_as_a_program(env: dict[str, str], digits_small_zip: Pat
     bad = subprocess.run([sys.executable, "-m", "server.cli_train", "eval", str(out), str(tmp_path / "none")],
                          cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: dataset_not_found:")
+
+
+def test_training_validation_is_what_eval_and_the_engine_give(env: dict[str, str], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """One preprocessing: the val accuracy training measures, `vpt-serve eval` on the val split and the
+    engine's path (front-end decode, batched device preprocessing, grouped heads) agree image by image."""
+    from server.frontend.images import ImageDecoder
+    from vpt.data import ImageDataset, ingest_archive
+    from vpt.engine import forward_grouped, pack_slots, task_slot_tensors
+    from vpt.preprocess import Preprocessor, to_uint8_hwc
+    from vpt.train import TrainOptions, make_loader, predict
+
+    archive = make_digits_zip(tmp_path / "d.zip", classes=range(4), per_class=10, layout="split", val_per_class=4)
+    out = tmp_path / "t.safetensors"
+    argv = ["--method", "vpt-deep", "--prompts", "2", "--epochs", "2", "--batch-size", "8", "--lr", "2.0",
+            "--augmentation", "fgvc", "--seed", "3", "--no-progress"]   # fgvc: the batched augmentation trains
+    assert cli(["train", str(archive), "--out", str(out), *argv]) == 0
+    bb = load_backbone(env["VPT_BACKBONE"], weights=env["VPT_BACKBONE_WEIGHTS"],
+                       model_kwargs=json.loads(env["VPT_BACKBONE_KWARGS"]))
+    task = load_task_file(out.read_bytes(), bb)
+    metrics = json.loads(task.metadata["metrics"])
+    trained = metrics["best_val_accuracy"]                      # measured by the training loop, kept epoch
+    assert trained == metrics["epochs"][metrics["best_epoch"] - 1]["val_accuracy"] == metrics["val_accuracy"]
+    capsys.readouterr()
+
+    assert cli(["eval", str(out), str(archive), "--split", "val", "--json", "--per-class"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 16 and report["accuracy"] == trained
+    assert report["confusion_matrix"] == metrics["confusion_matrix"]
+
+    data = ingest_archive(archive, tmp_path / "data")
+    classes = list(task.spec.classes)
+    val = [(path, classes.index(data.classes[label])) for path, label in data.val]
+    loader = make_loader(ImageDataset(val, to_uint8_hwc), 8, False, None, TrainOptions(num_workers=0), bb.device)
+    _, train_preds, labels = predict(bb, task.params, loader, amp=False)     # the training loop's validation
+    decoder = ImageDecoder(max_pixels=10**7)
+    raw = [torch.from_numpy(decoder.decode_one(p.read_bytes(), p.name).copy()) for p, _ in val]  # as front ends do
+    decoder.close()
+    slots = [task_slot_tensors(bb, task.params)]
+    with torch.inference_mode():
+        images = Preprocessor(bb.data_config)(raw, bb.device, bb.dtype)     # the engine's batch preprocessing
+        (rows, logits), = forward_grouped(bb, images, pack_slots(bb, slots), slots, [0] * len(raw))
+    engine_preds = torch.empty(len(raw), dtype=torch.long)
+    engine_preds[rows] = logits.argmax(dim=1).cpu()
+    assert torch.equal(engine_preds, train_preds)                          # exact predictions, image by image
+    assert (engine_preds == labels).float().mean().item() == pytest.approx(trained, abs=1e-12)

@@ -104,13 +104,23 @@ BAD_ARCHIVES = {
 
 
 @pytest.mark.parametrize("code", sorted(BAD_ARCHIVES))
-def test_bad_archives_fail_the_job_with_their_code(api: httpx.Client, code: str) -> None:
-    r = api.post(f"/tasks/bad-{code.removeprefix('dataset_').replace('_', '-')}/train",
-                 files={"dataset": ("d.zip", BAD_ARCHIVES[code]())}, data={"epochs": "1"})
-    assert r.status_code == 202, r.text
-    done = wait_job(api, r.json()["job_id"])
-    assert done["state"] == "failed" and done["error"]["code"] == code, done
+def test_bad_archives_are_refused_at_submit_with_their_code(api: httpx.Client, code: str) -> None:
+    task = f"bad-{code.removeprefix('dataset_').replace('_', '-')}"
+    r = api.post(f"/tasks/{task}/train", files={"dataset": ("d.zip", BAD_ARCHIVES[code]())}, data={"epochs": "1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    assert r.json()["error"].get("details"), r.text  # the offending entries, classes or the upload's name
+    assert api.get("/jobs", params={"task": task}).json()["jobs"] == []  # no job was queued
     assert api.get("/healthz").status_code == 200
+
+
+def test_a_bad_image_past_the_submit_sample_fails_the_job(api: httpx.Client) -> None:
+    entries = {f"{label}/{i}.png": digit_png(int(label == "b"), i) for label in "ab" for i in range(5)}
+    r = api.post("/tasks/late-bad/train", files={"dataset": ("d.zip", _zip({**entries, "b/z.png": b"\x89PNG cut"}))},
+                 data={"epochs": "1"})
+    assert r.status_code == 202, r.text  # the submit checks decode a few images of each class only
+    done = wait_job(api, r.json()["job_id"])
+    assert done["state"] == "failed" and done["error"]["code"] == "dataset_corrupt_image", done
+    assert done["error"]["details"] == ["b/z.png"]
 
 
 @pytest.mark.parametrize("data,files,status,code", [

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.vpt.gradients import check_directional_derivatives
 from vpt.backbone import Backbone, load_backbone
 from vpt.engine import forward_features, forward_logits, stack_slots, task_slot_tensors, training_table
 from vpt.task import TaskParams, TaskSpec
@@ -112,21 +113,7 @@ def test_gradients_reach_prompts_and_head_only_and_match_finite_differences(meth
     assert all(p.grad is None for p in bb64.model.parameters())
     trainable = [p for p in params.parameters()]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
-    g = torch.Generator().manual_seed(0)
-    eps = 1e-6
-    for _ in range(3):  # directional derivatives against central finite differences
-        dirs = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in trainable]
-        analytic = sum((p.grad * u).sum() for p, u in zip(trainable, dirs))
-        with torch.no_grad():
-            for p, u in zip(trainable, dirs):
-                p += eps * u
-            up = loss_fn()
-            for p, u in zip(trainable, dirs):
-                p -= 2 * eps * u
-            down = loss_fn()
-            for p, u in zip(trainable, dirs):
-                p += eps * u
-        torch.testing.assert_close((up - down) / (2 * eps), analytic, rtol=1e-5, atol=1e-8)
+    check_directional_derivatives(loss_fn, trainable, directions=3)
 
 
 def test_per_sample_prompt_dropout_in_training(bb64: Backbone) -> None:

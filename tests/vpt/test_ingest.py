@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.fixtures.digits import (
     archive_tree,
+    digit_png,
     digits_entries,
     make_digits_tree,
     make_digits_zip,
@@ -191,10 +192,17 @@ def test_val_class_without_training_images(tmp_path: Path) -> None:
     assert err.entries == ["2"]
 
 
-@pytest.mark.parametrize("classes", [range(1), range(0)])
-def test_too_few_classes(tmp_path: Path, classes: range) -> None:
-    entries = digits_entries(classes=classes, per_class=3) or {"readme.txt": b"no classes here"}
-    refused(write_zip(tmp_path / "d.zip", entries), tmp_path, E.TOO_FEW_CLASSES)
+def test_too_few_classes(tmp_path: Path) -> None:
+    refused(write_zip(tmp_path / "d.zip", digits_entries(classes=range(1), per_class=3)), tmp_path,
+            E.TOO_FEW_CLASSES)
+
+
+@pytest.mark.parametrize("entries", [{"readme.txt": b"no classes here"},
+                                     {"0.png": digit_png(0), "1.png": digit_png(1), "2.png": digit_png(2)},
+                                     {"train/0.png": digit_png(0), "train/1.png": digit_png(1)}])
+def test_files_without_class_folders_are_a_layout_error(tmp_path: Path, entries: dict[str, bytes]) -> None:
+    err = refused(write_zip(tmp_path / "d.zip", entries), tmp_path, E.LAYOUT)
+    assert err.entries == sorted(entries) and "class folders" in err.message
 
 
 def test_too_few_images_per_class(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
+from tests.vpt.gradients import check_directional_derivatives
 from tests.vpt.reference_methods import reference_logits
 from vpt.backbone import Backbone, load_backbone
 from vpt.engine import forward_logits, stack_slots, task_slot_tensors, training_table
@@ -140,21 +141,7 @@ def test_gradients_reach_exactly_the_methods_tensors(task: tuple, bb64: Backbone
     trainable = [p for p in params.parameters()]
     assert sum(p.numel() for p in trainable) == sum(files[n].numel() for n in expected_trainable(spec, bb64))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
-    g = torch.Generator().manual_seed(0)
-    eps = 1e-6
-    for _ in range(2):  # directional derivatives against central finite differences
-        dirs = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in trainable]
-        analytic = sum((p.grad * u).sum() for p, u in zip(trainable, dirs))
-        with torch.no_grad():
-            for p, u in zip(trainable, dirs):
-                p += eps * u
-            up = loss_fn()
-            for p, u in zip(trainable, dirs):
-                p -= 2 * eps * u
-            down = loss_fn()
-            for p, u in zip(trainable, dirs):
-                p += eps * u
-        torch.testing.assert_close((up - down) / (2 * eps), analytic, rtol=1e-5, atol=1e-8)
+    check_directional_derivatives(loss_fn, trainable, directions=2)
 
 
 def test_training_table_equals_bank_path(bb64: Backbone) -> None:

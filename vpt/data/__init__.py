@@ -6,10 +6,11 @@ from vpt.data.errors import CODES, DatasetError, ImageDecodeError
 from vpt.data.images import IMAGE_FORMATS, open_rgb
 from vpt.data.ingest import IngestedDataset, Sample, ingest_archive
 from vpt.data.limits import IngestLimits
+from vpt.data.preflight import Preflight, preflight_archive
 from vpt.data.split import DEFAULT_VAL_FRACTION, split_dataset, stratified_split
 
 __all__ = [
     "CODES", "DEFAULT_VAL_FRACTION", "IMAGE_FORMATS", "DatasetError", "ImageDataset", "ImageDecodeError",
-    "IngestLimits", "IngestedDataset", "Sample", "ingest_archive", "open_rgb", "split_dataset",
-    "stratified_split",
+    "IngestLimits", "IngestedDataset", "Preflight", "Sample", "ingest_archive", "open_rgb",
+    "preflight_archive", "split_dataset", "stratified_split",
 ]

@@ -22,11 +22,17 @@ TOO_FEW_CLASSES = "dataset_too_few_classes"
 TOO_FEW_IMAGES = "dataset_too_few_images"
 MANIFEST_MISSING_FILE = "dataset_manifest_missing_file"
 MANIFEST_INVALID = "dataset_manifest_invalid"
+LAYOUT = "dataset_layout"
 
 CODES = frozenset({
     ARCHIVE_INVALID, UNSAFE_PATH, LINK, TOO_LARGE, BOMB, IMAGE_TOO_LARGE, CORRUPT_IMAGE, NOT_IMAGE,
-    EMPTY_CLASS, TOO_FEW_CLASSES, TOO_FEW_IMAGES, MANIFEST_MISSING_FILE, MANIFEST_INVALID,
+    EMPTY_CLASS, TOO_FEW_CLASSES, TOO_FEW_IMAGES, MANIFEST_MISSING_FILE, MANIFEST_INVALID, LAYOUT,
 })
+
+
+def _text(value: str) -> str:
+    """`value` as valid Unicode: an archive name that was no UTF-8 keeps its bytes as `\\udcff` escapes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class DatasetError(VPTError):
@@ -38,10 +44,11 @@ class DatasetError(VPTError):
 
     def __init__(self, code: str, message: str, entries: Iterable[str] = ()) -> None:
         assert code in CODES, code
+        message = _text(message)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.entries: list[str] = [str(e) for e in islice(entries, MAX_ENTRIES)]
+        self.entries: list[str] = [_text(str(e)) for e in islice(entries, MAX_ENTRIES)]
 
     def __str__(self) -> str:
         if not self.entries:

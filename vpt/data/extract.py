@@ -62,6 +62,7 @@ class ExtractResult:
     skipped: list[str] = field(default_factory=list)
     members: int = 0
     total_bytes: int = 0
+    placeholders: set[Path] = field(default_factory=set)  # files created empty (see `keep`)
 
 
 @dataclass
@@ -85,8 +86,31 @@ def detect_format(path: Path) -> str:
             return f"tar.{comp}"
     if head[257:262] == b"ustar":
         return "tar"
-    raise DatasetError(E.ARCHIVE_INVALID, "the dataset is not a zip or tar archive "
+    raise DatasetError(E.ARCHIVE_INVALID, f"the dataset is {_what_is(head)}, not a zip or tar archive "
                                           "(.zip, .tar, .tar.gz, .tgz)")
+
+
+_KNOWN_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                (b"%PDF", "a PDF document"), (b"7z\xbc\xaf", "a 7-Zip archive"),
+                (b"Rar!", "a RAR archive"))
+
+
+def _what_is(head: bytes) -> str:
+    """A few words on what a non-archive upload looks like, from its first bytes."""
+    if not head:
+        return "an empty file"
+    if head[8:12] == b"WEBP" and head[:4] == b"RIFF":
+        return "a WebP image"
+    if head[:2] == b"BM" and head[6:10] == b"\0\0\0\0":  # the header's reserved fields are zero
+        return "a BMP image"
+    for magic, what in _KNOWN_MAGIC:
+        if head.startswith(magic):
+            return what
+    try:
+        head[:-4].decode("utf-8")  # a cut multi-byte character at the end is still text
+    except UnicodeDecodeError:
+        return "an unknown kind of file"
+    return "a text file" if b"\0" not in head else "an unknown kind of file"
 
 
 def member_path(name: str) -> PurePosixPath | None:
@@ -110,8 +134,13 @@ def is_junk(rel: PurePosixPath) -> bool:
     return any(p in _JUNK or p.startswith(".") for p in rel.parts)
 
 
-def extract_archive(archive: Path, dest: Path, limits: IngestLimits) -> ExtractResult:
-    """Extract `archive` into the existing directory `dest`, enforcing `limits`."""
+def extract_archive(archive: Path, dest: Path, limits: IngestLimits,
+                    keep: Callable[[PurePosixPath], bool] | None = None) -> ExtractResult:
+    """Extract `archive` into the existing directory `dest`, enforcing `limits`.
+
+    With `keep`, a regular file for which `keep(relative path)` is false is created empty (its
+    name is all a layout check needs) and listed in `result.placeholders`; its bytes are skipped.
+    """
     size = archive.stat().st_size
     if size > limits.max_archive_bytes:
         raise DatasetError(E.TOO_LARGE, f"the archive is {size} bytes; "
@@ -121,13 +150,13 @@ def extract_archive(archive: Path, dest: Path, limits: IngestLimits) -> ExtractR
     try:
         if fmt == "zip":
             with zipfile.ZipFile(archive) as zf:
-                _copy_entries(_zip_entries(zf, limits), dest, limits, result)
+                _copy_entries(_zip_entries(zf, limits), dest, limits, result, keep)
         else:
             with open(archive, "rb") as raw_file:
                 raw = _CountingReader(raw_file)
                 mode = "r|" + fmt.partition(".")[2]  # a forward-only stream: nothing is seeked or indexed
                 with tarfile.open(fileobj=raw, mode=mode, tarinfo=_BoundedTarInfo) as tf:  # type: ignore
-                    _copy_entries(_tar_entries(tf, raw), dest, limits, result)
+                    _copy_entries(_tar_entries(tf, raw), dest, limits, result, keep)
     except DatasetError:
         raise
     except _LocalFailure as e:
@@ -204,7 +233,8 @@ def _tar_entries(tf: tarfile.TarFile, raw: _CountingReader) -> Iterator[_Entry]:
                      lambda s=start: raw.count - s + _TAR_READAHEAD)
 
 
-def _copy_entries(entries: Iterator[_Entry], dest: Path, limits: IngestLimits, result: ExtractResult) -> None:
+def _copy_entries(entries: Iterator[_Entry], dest: Path, limits: IngestLimits, result: ExtractResult,
+                  keep: Callable[[PurePosixPath], bool] | None = None) -> None:
     """Write the safe regular files; gather refused entries (up to 20) and raise for them at the end."""
     refused: dict[str, list[str]] = {}
     real_dest = os.path.realpath(dest)
@@ -232,7 +262,12 @@ def _copy_entries(entries: Iterator[_Entry], dest: Path, limits: IngestLimits, r
         else:
             _check_declared(entry, limits, result.total_bytes)
             _make_dirs(dest, rel.parts[:-1], real_dest, entry.name)
-            result.total_bytes += _write_member(entry, dest.joinpath(*rel.parts), limits, result.total_bytes)
+            target = dest.joinpath(*rel.parts)
+            if keep is None or keep(rel):
+                result.total_bytes += _write_member(entry, target, limits, result.total_bytes)
+            else:
+                _write_placeholder(target, entry.name)
+                result.placeholders.add(target)
             result.files += 1
     if refused:
         code, names = next(iter(refused.items()))
@@ -278,6 +313,12 @@ def _make_dirs(dest: Path, parts: tuple[str, ...], real_dest: str, name: str) ->
     if os.path.commonpath([real, real_dest]) != real_dest:  # only a link could do this; we never make one
         raise DatasetError(E.UNSAFE_PATH, "an archive entry resolves outside the extraction directory",
                            [name])
+
+
+def _write_placeholder(target: Path, name: str) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_BINARY", 0)
+    with _local_io(name):
+        os.close(os.open(target, flags, 0o644))
 
 
 def _write_member(entry: _Entry, target: Path, limits: IngestLimits, total_before: int) -> int:

@@ -87,7 +87,7 @@ def ingest_archive(archive_path: Path, dest_dir: Path, limits: IngestLimits | No
     try:
         extracted = extract_archive(archive_path, dest_dir, limits)
         layout = find_layout(dest_dir, max_rows=limits.max_members)
-        dataset = _build(dest_dir, layout, limits, extracted.skipped, extracted.total_bytes)
+        dataset = build_dataset(dest_dir, layout, limits, extracted.skipped, extracted.total_bytes)
         samples = list(dataset.train) + list(dataset.val or ())
         names = [s.path.relative_to(dest_dir).as_posix() for s in samples]
         verify_images([s.path for s in samples], names, limits.max_image_pixels, workers)
@@ -101,8 +101,9 @@ def ingest_archive(archive_path: Path, dest_dir: Path, limits: IngestLimits | No
     return dataset
 
 
-def _build(dest: Path, layout: Layout, limits: IngestLimits, skipped: list[str],
-           total_bytes: int) -> IngestedDataset:
+def build_dataset(dest: Path, layout: Layout, limits: IngestLimits, skipped: list[str],
+                  total_bytes: int) -> IngestedDataset:
+    """The dataset `layout` describes, once its classes pass `limits` (count, images per class)."""
     train_counts = Counter(name for _, name in layout.train)
     all_counts = train_counts + Counter(name for _, name in layout.val or ())
     classes = sort_classes(list(all_counts))

@@ -64,9 +64,21 @@ def find_layout(dest: Path, max_rows: int) -> Layout:
         if root == dest and len(dirs) == 1 and not files and _looks_wrapped(dirs[0]):
             root = dirs[0]
             continue
+        _check_not_flat(dest, root, dirs, files)
         if files:
             log.info("ignoring %d files beside the class folders", len(files))
         return Layout("folders", _class_folders(dest, dirs), None)
+
+
+_LAYOUT_HINT = ("put each class's images in a folder named after the class (cat/1.jpg, dog/2.jpg), or use "
+                "train/<class>/ and val/<class>/ folders, or add a manifest.csv with file_name and label")
+
+
+def _check_not_flat(dest: Path, root: Path, dirs: list[Path], files: list[Path]) -> None:
+    """Refuse files with no class folder at all (a flat archive)."""
+    if not dirs and files:
+        raise DatasetError(E.LAYOUT, f"the archive holds {len(files)} files but no class folders; {_LAYOUT_HINT}",
+                           [f.relative_to(dest).as_posix() for f in files])
 
 
 def _listdir(d: Path) -> tuple[list[Path], list[Path]]:
@@ -104,7 +116,11 @@ def _class_folders(dest: Path, dirs: list[Path]) -> list[tuple[Path, str]]:
 
 
 def _split_layout(dest: Path, root: Path, dirs: list[Path]) -> Layout:
-    train = _class_folders(dest, _listdir(root / "train")[0])
+    train_dirs, train_files = _listdir(root / "train")
+    if not train_dirs and train_files:
+        raise DatasetError(E.LAYOUT, f"train/ holds {len(train_files)} files but no class folders; {_LAYOUT_HINT}",
+                           [f.relative_to(dest).as_posix() for f in train_files])
+    train = _class_folders(dest, train_dirs)
     val_dir = next((d for d in dirs if d.name in _VAL_DIRS), None)
     val: list[tuple[Path, str]] = []
     for d in _listdir(val_dir)[0] if val_dir is not None else []:

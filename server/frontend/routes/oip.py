@@ -19,6 +19,7 @@ from prompt_store.ids import validate_id
 from prompt_store.records import TaskVersion
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
+from server.frontend.openapi import errors
 from server.frontend.routes.oip_tensors import (
     HEADER_LENGTH,
     IMAGE_BYTES,
@@ -208,13 +209,15 @@ async def _infer(request: Request, state: AppState, tenant: str, task: str, vers
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head)})
 
 
-@router.post("/v2/models/{task}/infer", response_class=Response, openapi_extra=INFER_BODY)
+@router.post("/v2/models/{task}/infer", response_class=Response, openapi_extra=INFER_BODY,
+             responses=errors(415, 504))
 async def infer(task: str, request: Request, state: State, tenant: Tenant) -> Response:
     """Classify a batch of images (preprocessed tensors or encoded files) with the task's current version."""
     return await _infer(request, state, tenant, task, None)
 
 
-@router.post("/v2/models/{task}/versions/{version}/infer", response_class=Response, openapi_extra=INFER_BODY)
+@router.post("/v2/models/{task}/versions/{version}/infer", response_class=Response, openapi_extra=INFER_BODY,
+             responses=errors(415, 504))
 async def infer_version(task: str, version: str, request: Request, state: State, tenant: Tenant) -> Response:
     """As `infer`, for the task's current version only (another version answers 400)."""
     return await _infer(request, state, tenant, task, version)

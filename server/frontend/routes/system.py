@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from prompt_store.errors import StoreError
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant, is_loopback, presented_key
-from server.frontend.schemas import BackboneOut
+from server.frontend.openapi import errors
+from server.frontend.schemas import BackboneOut, ReadyOut
 from server.state import AppState
 
 router = APIRouter(tags=["system"])
@@ -49,7 +50,7 @@ def readiness(state: AppState, details: bool = False) -> dict[str, str]:
     return checks
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyOut, responses=errors(503))
 async def readyz(request: Request, state: State) -> JSONResponse:
     """Backbone loaded, store reachable, batcher running, enough free disk; 503 `not_ready` otherwise.
     Details (paths, store messages, free bytes) only go to loopback or authenticated callers."""
@@ -100,14 +101,19 @@ def _may_see_details(request: Request, state: AppState) -> bool:
     return key is not None and state.keyring.enabled and state.keyring.tenant_for(key) is not None
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **errors(401, 403)})
 async def metrics(request: Request, state: State) -> Response:
     """Prometheus text. Labels name tenants and tasks, so it answers loopback callers, or callers
     presenting `VPT_METRICS_TOKEN` as a bearer token."""
     token = state.settings.metrics_token
-    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    allowed = (token is not None and hmac.compare_digest(presented.encode(), token.encode())) or (
-        token is None and is_loopback(request.client.host if request.client else None))
-    if not allowed:
-        raise ApiError(403, "forbidden", "/metrics needs VPT_METRICS_TOKEN as a bearer token (or a loopback caller)")
+    if token is None:
+        if not is_loopback(request.client.host if request.client else None):
+            raise ApiError(403, "forbidden", "/metrics answers loopback callers only unless VPT_METRICS_TOKEN is set")
+    else:
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "/metrics needs VPT_METRICS_TOKEN as a bearer token",
+                           headers={"WWW-Authenticate": "Bearer"})
     return Response(await state.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -10,9 +10,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from prompt_store.errors import TaskNotFound
 from prompt_store.ids import validate_id
+from prompt_store.pages import DEFAULT_LIMIT, MAX_LIMIT, task_page
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
-from server.frontend.missing import TaskRoute
+from server.frontend.missing import TaskRoute, paged
+from server.frontend.openapi import errors
 from server.frontend.schemas import (
     ErrorOut,
     TaskList,
@@ -20,6 +22,7 @@ from server.frontend.schemas import (
     VersionList,
     VersionOut,
     task_out,
+    task_summary,
     version_out,
 )
 from vpt.backbone import parse_dtype
@@ -50,8 +53,14 @@ def _version(task_id: str, version: int | None) -> int | None:
 
 
 @router.get("/tasks", response_model=TaskList)
-def list_tasks(state: State, tenant: Tenant) -> TaskList:
-    return TaskList(tasks=[task_out(i, _element_size(state), _running(state)) for i in state.store.list_tasks(tenant)])
+def list_tasks(state: State, tenant: Tenant,
+               limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="tasks per page"),
+               cursor: str | None = Query(None, description="`next_cursor` of the previous page")) -> TaskList:
+    """The tenant's tasks by id, a page at a time: the cheap facts of each (`GET /tasks/{task_id}` has
+    class names and metrics); follow `next_cursor` until it is null."""
+    page = paged(task_page, state.store, tenant, limit, cursor)
+    size, running = _element_size(state), _running(state)
+    return TaskList(tasks=[task_summary(i, size, running) for i in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut)
@@ -59,7 +68,7 @@ def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
     return task_out(state.store.get_info(tenant, validate_id(task_id)), _element_size(state), _running(state))
 
 
-@router.delete("/tasks/{task_id}", status_code=204)
+@router.delete("/tasks/{task_id}", status_code=204, responses=errors(409, 507))
 def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
     """Delete every version; a queued or running training job of the task is cancelled first (also
     when that job is the task's first, so no version exists yet)."""
@@ -91,7 +100,7 @@ def get_version(task_id: str, version: int, state: State, tenant: Tenant) -> Ver
     return version_out(record, info.current_version, full=True, element_size=_element_size(state))
 
 
-@router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut)
+@router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut, responses=errors(409, 507))
 def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOut:
     """Make version `n` current (rollback or forward); every replica serves it from its next batch."""
     _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
@@ -111,7 +120,7 @@ def export(task_id: str, state: State, tenant: Tenant, version: int | None = Que
                              "X-Task-Version": str(record.version)})
 
 
-@router.put("/tasks/{task_id}/import", response_model=TaskOut, status_code=201,
+@router.put("/tasks/{task_id}/import", response_model=TaskOut, status_code=201, responses=errors(409, 507),
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/octet-stream": {"schema": {
                                                "type": "string", "format": "binary"}}}}})
