@@ -104,7 +104,7 @@ def fit_all_weights(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
             sched.step()
 
 
-def pretrain_backbone(path: Path, images_per_class: int = 120, epochs: int = 12, seed: int = 0) -> Path:
+def pretrain_backbone(path: Path, images_per_class: int = 400, epochs: int = 30, seed: int = 0) -> Path:
     """Train the demo ViT on synthetic digits (draw `seed + 1000`), save it without its head."""
     import timm
 

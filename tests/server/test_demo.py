@@ -13,7 +13,7 @@ import pytest
 from tests.fixtures.live_server import ROOT, ServerProcess
 
 
-@pytest.mark.slow  # trains a backbone and a task: about a minute on an idle 2-core machine, far more when loaded
+@pytest.mark.slow  # trains a backbone and a task: minutes on an idle 2-core machine, far more when loaded
 def test_the_offline_demo_learns_and_survives_a_restart(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     done = subprocess.run([sys.executable, "-m", "server.cli", "demo", str(out)], cwd=ROOT, capture_output=True,
