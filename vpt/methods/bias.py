@@ -68,9 +68,43 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-class Bias(Component):
+class BackboneCopy(Component):
+    """A component that tunes its own copy of some backbone parameters (`param_names`), kept as one
+    flat vector (`FlatParams`) and stored in the task file as `<file_prefix>.<parameter name>`."""
+
+    file_prefix = ""
+
+    def param_names(self, backbone: Backbone) -> list[tuple[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def create(self, spec: TaskSpec, backbone: Backbone) -> nn.Module:
+        module = FlatParams(self.param_names(backbone))
+        module.copy_from(backbone)
+        return module
+
+    def init(self, module: nn.Module, spec: TaskSpec, backbone: Backbone, generator: torch.Generator | None) -> None:
+        module.copy_from(backbone)   # tuning starts from the pretrained values
+
+    def file_shapes(self, spec: TaskSpec, backbone: Backbone) -> dict[str, tuple[int, ...]]:
+        return {f"{self.file_prefix}.{n}": s for n, s in self.param_names(backbone)}
+
+    def to_file(self, module: nn.Module | None) -> dict[str, Tensor]:
+        return {f"{self.file_prefix}.{n}": t for n, t in module.split().items()}
+
+    def from_file(self, module: nn.Module | None, tensors: dict[str, Tensor]) -> None:
+        module.values.copy_(torch.cat([tensors[f"{self.file_prefix}.{n}"].reshape(-1) for n, _ in module.names]))
+
+    def weight_overrides(self, module: nn.Module | None, backbone: Backbone) -> dict[str, Tensor]:
+        return {n: t.to(backbone.device, backbone.dtype) for n, t in module.split().items()}
+
+
+class Bias(BackboneCopy):
     name = "bias"
     fields = (Field("bias", length_dim=0),)
+    file_prefix = "bias"
+
+    def param_names(self, backbone: Backbone) -> list[tuple[str, tuple[int, ...]]]:
+        return bias_names(backbone)
 
     def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
         if backbone is None:
@@ -78,26 +112,6 @@ class Bias(Component):
         odd = [n for n, _ in bias_names(backbone) if not _supported(n)]
         if odd or type(backbone.model.patch_embed.norm) is not nn.Identity:
             raise TaskSpecError(f"bias tuning does not support this backbone (biases {odd[:4]} or a patch norm)")
-
-    def create(self, spec: TaskSpec, backbone: Backbone) -> nn.Module:
-        module = FlatParams(bias_names(backbone))
-        module.copy_from(backbone)
-        return module
-
-    def init(self, module: nn.Module, spec: TaskSpec, backbone: Backbone, generator: torch.Generator | None) -> None:
-        module.copy_from(backbone)   # tuning starts from the pretrained biases
-
-    def file_shapes(self, spec: TaskSpec, backbone: Backbone) -> dict[str, tuple[int, ...]]:
-        return {f"bias.{n}": s for n, s in bias_names(backbone)}
-
-    def to_file(self, module: nn.Module | None) -> dict[str, Tensor]:
-        return {f"bias.{n}": t for n, t in module.split().items()}
-
-    def from_file(self, module: nn.Module | None, tensors: dict[str, Tensor]) -> None:
-        module.values.copy_(torch.cat([tensors[f"bias.{n}"].reshape(-1) for n, _ in module.names]))
-
-    def weight_overrides(self, module: nn.Module | None, backbone: Backbone) -> dict[str, Tensor]:
-        return {n: t.to(backbone.device, backbone.dtype) for n, t in module.split().items()}
 
     def slot_tensors(self, module: nn.Module | None, spec: TaskSpec, build: Build) -> dict[str, Tensor]:
         bb = build.backbone

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from vpt.blocks import BLOCK_PARAMS
 from vpt.errors import TaskSpecError
-from vpt.methods.base import Build, Component, Field
-from vpt.methods.bias import FlatParams
+from vpt.methods.base import Build, Field
+from vpt.methods.bias import BackboneCopy, FlatParams
 
 if TYPE_CHECKING:
     from vpt.backbone import Backbone
@@ -29,10 +29,14 @@ def partial_names(backbone: Backbone) -> list[tuple[str, tuple[int, ...]]]:
             if n.startswith((last, "norm."))]
 
 
-class Partial1(Component):
+class Partial1(BackboneCopy):
     name = "partial-1"
     count_key = "partial"
     fields = (Field("partial", length_dim=0),)
+    file_prefix = "partial"
+
+    def param_names(self, backbone: Backbone) -> list[tuple[str, tuple[int, ...]]]:
+        return partial_names(backbone)
 
     def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
         if "bias" in spec.components:
@@ -44,26 +48,6 @@ class Partial1(Component):
                if n.startswith(last) and n[len(last):] not in BLOCK_PARAMS]
         if odd:
             raise TaskSpecError(f"partial-1 does not support this backbone's last block (parameters {odd[:4]})")
-
-    def create(self, spec: TaskSpec, backbone: Backbone) -> nn.Module:
-        module = FlatParams(partial_names(backbone))
-        module.copy_from(backbone)
-        return module
-
-    def init(self, module: nn.Module, spec: TaskSpec, backbone: Backbone, generator: torch.Generator | None) -> None:
-        module.copy_from(backbone)   # tuning starts from the pretrained block
-
-    def file_shapes(self, spec: TaskSpec, backbone: Backbone) -> dict[str, tuple[int, ...]]:
-        return {f"partial.{n}": s for n, s in partial_names(backbone)}
-
-    def to_file(self, module: nn.Module | None) -> dict[str, Tensor]:
-        return {f"partial.{n}": t for n, t in module.split().items()}
-
-    def from_file(self, module: nn.Module | None, tensors: dict[str, Tensor]) -> None:
-        module.values.copy_(torch.cat([tensors[f"partial.{n}"].reshape(-1) for n, _ in module.names]))
-
-    def weight_overrides(self, module: nn.Module | None, backbone: Backbone) -> dict[str, Tensor]:
-        return {n: t.to(backbone.device, backbone.dtype) for n, t in module.split().items()}
 
     def slot_tensors(self, module: nn.Module | None, spec: TaskSpec, build: Build) -> dict[str, Tensor]:
         return {"partial": module.values.to(build.backbone.device, build.backbone.dtype)[None]}   # (1, n)
