@@ -53,14 +53,20 @@ def test_claims_are_fifo_per_tenant_and_make_the_job_running(queue: JobQueue) ->
         assert queue.ack(c)
 
 
-def test_blocking_claim_wakes_on_submit(queue: JobQueue) -> None:
+def _claim_while_submitting(queue: JobQueue, submitter: JobQueue, wait_s: float, timeout_s: float):
+    """What a blocking claim on `queue` gets when `submitter` submits a job `wait_s` after it started."""
     got = []
-    t = threading.Thread(target=lambda: got.append(queue.claim("w1", timeout_s=10)))
+    t = threading.Thread(target=lambda: got.append(queue.claim("w1", timeout_s=timeout_s)))
     t.start()
-    time.sleep(0.2)
-    queue.submit(_job("t1", "job-late"))
-    t.join(timeout=10)
-    assert got and got[0] is not None and got[0].job_id == "job-late"
+    time.sleep(wait_s)
+    submitter.submit(_job("t1", "job-late"))
+    t.join(timeout=timeout_s)
+    return got[0] if got else None
+
+
+def test_blocking_claim_wakes_on_submit(queue: JobQueue) -> None:
+    claim = _claim_while_submitting(queue, queue, wait_s=0.2, timeout_s=10)
+    assert claim is not None and claim.job_id == "job-late"
 
 
 def test_round_robin_across_tenants(queue: JobQueue) -> None:
@@ -298,13 +304,8 @@ def test_an_idle_redis_worker_blocks_instead_of_polling(redis_url: str) -> None:
         before = _script_calls(store.client)
         assert queue.claim("w1", timeout_s=3) is None
         assert _script_calls(store.client) - before <= 6
-        got = []
-        t = threading.Thread(target=lambda: got.append(queue.claim("w1", timeout_s=30)))
-        t.start()
-        time.sleep(0.3)
-        submitter.submit(_job("t1", "job-late"))
-        t.join(timeout=30)
-        assert got and got[0] is not None and got[0].job_id == "job-late"
+        claim = _claim_while_submitting(queue, submitter, wait_s=0.3, timeout_s=30)
+        assert claim is not None and claim.job_id == "job-late"
     finally:
         queue.close()
         submitter.close()
