@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     shm_slots: int = Field(64, ge=1, le=65536)               # shared-memory slots per front end (images in flight)
     shm_slot_bytes: int = Field(4 << 20, ge=1 << 16)         # one decoded image (H*W*3) or a (3, H, W) float32
     decode_threads: int = Field(2, ge=0, le=256)             # image-decoding threads per HTTP process; 0: inline
+    decode_inline_bytes: int | None = Field(None, ge=0)      # requests with at most this many image bytes decode
+                                                             # inline; None: 256 KiB in front ends, 0 in one process
     pin_memory: bool = True                                  # CUDA: stage uploads in pinned host memory
     cuda_graphs: bool = False                                # CUDA: the forward through graphs at batch buckets
     engine_start_timeout_s: float = Field(600.0, gt=0)       # the engine's backbone load, before front ends start
@@ -130,6 +132,11 @@ class Settings(BaseSettings):
         if self.frontend_workers is not None:
             return self.frontend_workers
         return max(1, (os.cpu_count() or 1) - 1)
+
+    @property
+    def frontend_inline_bytes(self) -> int:
+        """`decode_inline_bytes` in a front-end process: by default a usual photo decodes on the event loop."""
+        return 256 << 10 if self.decode_inline_bytes is None else self.decode_inline_bytes
 
     @property
     def uploads_dir(self) -> Path:

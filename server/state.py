@@ -150,7 +150,8 @@ class AppState:
         batcher = Batcher(backbone, bank, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                           queue_limit=settings.queue_limit, metrics=metrics, gate=gate, pin_memory=settings.pin_memory,
                           cuda_graphs=settings.cuda_graphs)
-        decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads)
+        decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads,
+                               inline_bytes=settings.decode_inline_bytes or 0)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
         jobs = JobService(store, queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,

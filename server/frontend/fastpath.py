@@ -23,6 +23,7 @@ from prompt_store.ids import validate_id
 from server.errors import ApiError, error_response, http_error, translate
 from server.frontend.deps import get_tenant
 from server.frontend.missing import better_error
+from server.frontend.routes import predict
 from server.frontend.routes.predict import answer
 
 PATH = "/predict"
@@ -51,11 +52,12 @@ class FastPredict:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
-        self.route: BaseRoute | None = next((r for r in app.routes if getattr(r, "path", None) == PATH
-                                             and "POST" in getattr(r, "methods", ())), None)
+        # The route from its own router: FastAPI may keep an included router whole in `app.routes`.
+        self.route: BaseRoute = next(r for r in predict.router.routes if getattr(r, "path", None) == PATH
+                                     and "POST" in getattr(r, "methods", ()))
 
     def accepts(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[str, int] | None:
-        if scope["path"] != PATH or scope.get("method") != "POST" or self.route is None \
+        if scope["path"] != PATH or scope.get("method") != "POST" \
                 or getattr(self.app.state, "vpt", None) is None:
             return None
         if not headers.get(b"content-type", b"").lower().startswith(_RAW_TYPES):

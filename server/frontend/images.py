@@ -22,20 +22,26 @@ from vpt.data.images import IMAGE_FORMATS
 # The eval transform resizes the shorter side to the model's input size: a 1 x 100000 sliver would
 # become gigabytes. No photo is this elongated.
 MAX_ASPECT_RATIO = 64
+ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
 
 
 class ImageDecoder:
-    """Decodes images to uint8 (H, W, 3) arrays, in `threads` threads (0: on the caller's event loop)."""
+    """Decodes images to uint8 (H, W, 3) arrays, in `threads` threads (0: on the caller's event loop).
 
-    def __init__(self, max_pixels: int, min_side: int = 0, threads: int = 2) -> None:
+    `inline_bytes`: a request whose images total at most this many bytes decodes on the event loop even
+    with a pool. A thread hop costs CPU of its own (a wake-up, future callbacks: ~0.1 ms a request),
+    which a front-end process among several does better to spend decoding; a large image still goes to
+    the pool, so it never stalls the loop's other requests."""
+
+    def __init__(self, max_pixels: int, min_side: int = 0, threads: int = 2, inline_bytes: int = 0) -> None:
         self.max_pixels = max_pixels
         self.min_side = min_side  # 0: never draft
+        self.inline_bytes = inline_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") if threads > 0 else None
 
     async def decode(self, items: list[tuple[bytes, str]]) -> list[np.ndarray]:
-        """`decode_all` in the pool, or inline without one: a thread hop per request costs CPU of its own
-        (~0.1 ms), which a front-end process among several does better to spend decoding."""
-        if self.pool is None:
+        """`decode_all` in the pool, or inline (no pool, or a request within `inline_bytes`)."""
+        if self.pool is None or sum(len(data) for data, _ in items) <= self.inline_bytes:
             return self.decode_all(items)
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.decode_all, items)
 
@@ -59,8 +65,10 @@ class ImageDecoder:
                                                      f"{MAX_ASPECT_RATIO}:1 is refused")
             try:
                 self._draft(im, w, h)
-                rgb = ImageOps.exif_transpose(im).convert("RGB")
-                return np.asarray(rgb)                                               # (H, W, 3) uint8
+                im.load()
+                if im.getexif().get(ORIENTATION, 1) != 1:  # most photos need no turn: skip the copy
+                    im = ImageOps.exif_transpose(im)
+                return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))    # (H, W, 3) uint8
             except Exception as e:  # truncated or corrupt data past the header
                 raise ApiError(400, "image_invalid", f"image {name!r} cannot be decoded: {e}") from e
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.frontend.fastpath import plain_query
+from server.frontend.app import create_app
+from server.frontend.fastpath import FastPredict, plain_query
 from tests.server.conftest import OIP_MAX_IMAGE_BYTES
 from tests.server.helpers import png
 
@@ -16,6 +17,19 @@ from tests.server.helpers import png
     (b"task=t&task=u", None), (b"task=t&other=1", None), (b"", None), (b"task=", None), (b"task=t&top_k=1&top_k=2", None)])
 def test_only_plainly_valid_queries_take_the_fast_path(query: bytes, taken: tuple[str, int] | None) -> None:
     assert plain_query(query) == taken
+
+
+def test_the_fast_path_finds_its_route_and_takes_a_plain_request() -> None:
+    """The answers below are alike whichever path ran: this checks the fast one is really taken."""
+    app = create_app()
+    fast = FastPredict(app)
+    assert fast.route.path == "/predict" and "POST" in fast.route.methods
+    scope = {"path": "/predict", "method": "POST", "query_string": b"task=t&top_k=2"}
+    assert fast.accepts(scope, {b"content-type": b"image/jpeg"}) is None  # not started: no state yet
+    app.state.vpt = object()
+    assert fast.accepts(scope, {b"content-type": b"image/jpeg"}) == ("t", 2)
+    assert fast.accepts(scope, {b"content-type": b"multipart/form-data; boundary=x"}) is None
+    assert fast.accepts({**scope, "path": "/predict/"}, {b"content-type": b"image/jpeg"}) is None
 
 
 def _post(client: httpx.Client, query: str, body: bytes, slow: bool, **headers: str) -> httpx.Response:

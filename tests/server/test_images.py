@@ -1,0 +1,65 @@
+"""The front end's decoder: EXIF orientation, modes, and where a request decodes (inline or in the pool)."""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.errors import ApiError
+from server.frontend.images import ORIENTATION, ImageDecoder
+
+
+def _jpeg(image: Image.Image, orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    exif = image.getexif()
+    if orientation is not None:
+        exif[ORIENTATION] = orientation
+    image.save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_exif_orientation_turns_the_image_and_plain_photos_decode_as_pil_does() -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    dec = ImageDecoder(10**7)
+    plain = dec.decode_one(_jpeg(image), "a")
+    assert plain.shape == (40, 60, 3) and plain.dtype == np.uint8
+    assert np.array_equal(plain, np.asarray(Image.open(io.BytesIO(_jpeg(image))).convert("RGB")))
+    turned = dec.decode_one(_jpeg(image, orientation=6), "b")  # 6: stored rotated, shown turned 90 degrees
+    assert turned.shape == (60, 40, 3)
+    assert np.array_equal(turned, np.rot90(plain, k=-1))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_other_modes_become_rgb(mode: str) -> None:
+    buf = io.BytesIO()
+    Image.new(mode, (8, 6), 128 if mode != "RGBA" else (10, 20, 30, 255)).save(buf, "PNG")
+    out = ImageDecoder(10**7).decode_one(buf.getvalue(), "m")
+    assert out.shape == (6, 8, 3) and out.dtype == np.uint8
+
+
+def test_small_requests_decode_inline_and_large_ones_in_the_pool() -> None:
+    small = _jpeg(Image.new("RGB", (32, 32), (1, 2, 3)))
+    where: list[str] = []
+    dec = ImageDecoder(10**7, threads=1, inline_bytes=len(small) * 2)
+    plain_all = dec.decode_all
+    dec.decode_all = lambda items: (where.append(threading.current_thread().name), plain_all(items))[1]
+
+    async def go() -> None:
+        await dec.decode([(small, "one")])               # within inline_bytes: on the loop's thread
+        await dec.decode([(small, "a"), (small, "b")])   # exactly inline_bytes: still inline
+        await dec.decode([(small, "a"), (small, "b"), (small, "c")])  # beyond: the pool
+        with pytest.raises(ApiError) as e:               # a bad image fails the same way on either path
+            await dec.decode([(b"not an image", "bad")])
+        assert e.value.status == 400 and e.value.code == "image_invalid"
+
+    try:
+        asyncio.run(go())
+    finally:
+        dec.close()
+    main = threading.current_thread().name
+    assert where[:3] == [main, main, where[2]] and where[2].startswith("decode")
