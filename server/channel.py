@@ -20,6 +20,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 import uuid
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">I")
 RING_PREFIX = "vpt-ring-"
+WORKDIR_PREFIX = "vpt-serve-"
 MAX_FRAME = 1 << 31
 DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, "float32": torch.float32}
 ENV_SHM = "VPT_INTERNAL_SHM"          # the ring's file, set by the supervisor for its children
@@ -62,15 +64,45 @@ def ring_dir() -> Path:
 
 
 def sweep_stale_rings(base: Path | None = None) -> list[Path]:
-    """Remove ring files whose owner is gone (a SIGKILLed supervisor cannot remove its own).
+    """Remove ring files whose owner is gone (a SIGKILLed supervisor cannot remove its own)."""
+    return sweep_stale(base or ring_dir(), RING_PREFIX, "shared-memory ring file(s)")
 
-    The owner holds an exclusive `flock` on its ring file for as long as it lives; the kernel drops
-    it when the process dies, however it dies. A file is removed only when both say its owner is
-    gone: its lock can be taken (immune to pid reuse) and the pid in its name is not running (so a
-    ring of an older server that took no lock is never removed under it). Returns the removed paths."""
+
+def sweep_stale_workdirs(base: Path | None = None) -> list[Path]:
+    """Remove supervisors' work folders (engine socket, metrics files) whose owner is gone."""
+    return sweep_stale(base or Path(tempfile.gettempdir()), WORKDIR_PREFIX, "work folder(s)")
+
+
+def owned_workdir() -> tuple[Path, int]:
+    """A new `<WORKDIR_PREFIX><pid>-...` folder in the temp dir and the descriptor holding its lock
+    (closing it releases the folder to `sweep_stale_workdirs` once this process is gone)."""
+    path = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+    return path, lock_owned(path)
+
+
+def lock_owned(path: Path) -> int:
+    """An exclusive `flock` on `path` (a file or a folder), held for as long as the returned descriptor
+    is open; the descriptor is close-on-exec, so children never hold it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sweep_stale(base: Path, prefix: str, what: str) -> list[Path]:
+    """Remove `<prefix><pid>-...` files or folders under `base` whose owner is gone.
+
+    The owner holds an exclusive `flock` on its path for as long as it lives; the kernel drops it
+    when the process dies, however it dies. A path is removed only when both say its owner is gone:
+    its lock can be taken (immune to pid reuse) and the pid in its name is not running (so the path
+    of an older server that took no lock, or one just created and not yet locked, is never removed
+    under it). Returns the removed paths."""
     removed = []
-    for path in sorted((base or ring_dir()).glob(RING_PREFIX + "*")):
-        if _pid_alive(_owner_pid(path.name)):
+    for path in sorted(base.glob(prefix + "*")):
+        if _pid_alive(_owner_pid(path.name, prefix)):
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -80,20 +112,23 @@ def sweep_stale_rings(base: Path | None = None) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # its owner is alive
             continue
-        else:
-            path.unlink(missing_ok=True)  # still under our lock: no owner can have taken it meanwhile
+        else:  # still under our lock: no owner can have taken it meanwhile
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
         finally:
             os.close(fd)
     if removed:
-        log.warning("removed %d shared-memory ring file(s) left by dead servers: %s", len(removed),
-                    ", ".join(p.name for p in removed))
+        log.warning("removed %d %s left by dead servers: %s", len(removed), what, ", ".join(p.name for p in removed))
     return removed
 
 
-def _owner_pid(name: str) -> int | None:
-    pid = name.removeprefix(RING_PREFIX).split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+def _owner_pid(name: str, prefix: str) -> int | None:
+    """The pid in `<prefix><pid>-<rest>`; None (never removed) for any other name."""
+    pid, sep, _ = name.removeprefix(prefix).partition("-")
+    return int(pid) if sep and pid.isdigit() else None
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -242,3 +277,31 @@ def encode_frame(msg: dict[str, Any], blobs: list[memoryview | bytes] = ()) -> l
     for b in blobs:
         parts += [HEADER.pack(len(b)), b]
     return parts
+
+
+class Outbox:
+    """A writer's frames, written together once per event-loop turn.
+
+    Answers of one batch (engine side) or requests decoded in one turn (front-end side) leave in one
+    `writelines`: one system call and one wake-up of the peer instead of one per message. The order
+    of frames is kept; nothing is written once the writer is closing."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._parts: list[bytes | memoryview] = []
+        self._scheduled = False
+
+    def send(self, parts: list[bytes | memoryview]) -> None:
+        if self.writer.is_closing():
+            return
+        self._parts += parts
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        parts, self._parts = self._parts, []
+        if parts and not self.writer.is_closing():
+            self.writer.writelines(parts)
+

@@ -15,11 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from server.channel import ENV_INDEX, ENV_SHM, ENV_SOCKET, RingLayout, SlotRing, sweep_stale_rings
+from server.channel import (ENV_INDEX, ENV_SHM, ENV_SOCKET, RingLayout, SlotRing, owned_workdir, sweep_stale_rings,
+                            sweep_stale_workdirs)
 from server.settings import Settings
 
 log = logging.getLogger("vpt-serve.supervisor")
@@ -41,8 +41,9 @@ class Supervisor:
     def __init__(self, settings: Settings, listener: socket.socket) -> None:
         self.settings = settings
         self.n = settings.frontends
-        self.workdir = Path(tempfile.mkdtemp(prefix="vpt-serve-"))
-        sweep_stale_rings()  # what a SIGKILLed server left (its lock died with it)
+        sweep_stale_rings()  # what a SIGKILLed server left (its locks died with it)
+        sweep_stale_workdirs()
+        self.workdir, self._workdir_lock = owned_workdir()  # locked while this supervisor lives
         self.ring = SlotRing.create(RingLayout(self.n, settings.shm_slots, settings.shm_slot_bytes))
         self.socket_path = str(self.workdir / "engine.sock")
         self.metrics_dir = self.workdir / "metrics"
@@ -114,6 +115,7 @@ class Supervisor:
         _wait(self.engine, grace)
         self.ring.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        os.close(self._workdir_lock)
 
     def run(self) -> int:
         def on_signal(signum: int, _frame: object) -> None:

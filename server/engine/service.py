@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from prompt_store.records import ChangeEvent
-from server.channel import SlotRing, encode_frame, item_shape, read_frame
+from server.channel import Outbox, SlotRing, encode_frame, item_shape, read_frame
 from server.errors import ApiError, translate
 from server.state import AppState
 
@@ -39,6 +39,7 @@ class EngineService:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks: dict[int, asyncio.Task] = {}
         frontend = -1
+        out = Outbox(writer)
         try:
             while True:
                 msg, blobs = await read_frame(reader)
@@ -46,13 +47,13 @@ class EngineService:
                 if op == "hello":
                     frontend = int(msg["frontend"])
                     self.ring.layout.offset(frontend, 0)  # validates the index
-                    self._send(writer, {"id": rid, "ok": self._hello()})
+                    self._send(out, {"id": rid, "ok": self._hello()})
                 elif op == "abandon":
                     task = tasks.get(msg.get("target"))
                     if task is not None:
                         task.cancel()
                 else:
-                    task = asyncio.create_task(self._answer(op, msg, blobs, frontend, writer))
+                    task = asyncio.create_task(self._answer(op, msg, blobs, frontend, out))
                     tasks[rid] = task
                     task.add_done_callback(lambda _t, r=rid: tasks.pop(r, None))
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -68,12 +69,10 @@ class EngineService:
         s = self.state
         return {"backbone": s.backbone.describe(), "min_side": s.batcher.preprocess.min_side}
 
-    def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        if not writer.is_closing():
-            writer.writelines(encode_frame(msg))
+    def _send(self, out: Outbox, msg: dict[str, Any]) -> None:
+        out.send(encode_frame(msg))
 
-    async def _answer(self, op: str, msg: dict[str, Any], blobs: list[bytes], frontend: int,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, op: str, msg: dict[str, Any], blobs: list[bytes], frontend: int, out: Outbox) -> None:
         rid = msg.get("id")
         try:
             if op == "predict":
@@ -87,11 +86,11 @@ class EngineService:
                 result = {}
             else:
                 raise ApiError(400, "bad_request", f"unknown channel operation {op!r}")
-            self._send(writer, {"id": rid, "ok": result})
+            self._send(out, {"id": rid, "ok": result})
         except asyncio.CancelledError:
-            self._send(writer, {"id": rid, "error": error_dict(asyncio.CancelledError())})
+            self._send(out, {"id": rid, "error": error_dict(asyncio.CancelledError())})
         except Exception as e:  # noqa: BLE001
-            self._send(writer, {"id": rid, "error": error_dict(e)})
+            self._send(out, {"id": rid, "error": error_dict(e)})
 
     def _inputs(self, items: list[dict[str, Any]], blobs: list[bytes], frontend: int) -> Tensor | list[Tensor]:
         """Tensors aliasing the ring's slots (or the inline frames): uint8 images or float32 (3, H, W)."""

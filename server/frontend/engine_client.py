@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from server.channel import SlotPool, SlotRing, encode_frame, read_frame, tensor_item
+from server.channel import Outbox, SlotPool, SlotRing, encode_frame, read_frame, tensor_item
 from server.engine.batcher import Outcome, TopK
 from server.errors import ApiError, busy
 
@@ -35,6 +35,7 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, list[int]]] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._out: Outbox | None = None
         self._reader_task: asyncio.Task | None = None
         self.hello: dict[str, Any] = {}
 
@@ -44,6 +45,7 @@ class EngineClient:
 
     async def connect(self) -> dict[str, Any]:
         reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
+        self._out = Outbox(self._writer)
         self._reader_task = asyncio.create_task(self._read(reader))
         self.hello = await self.call({"op": "hello", "frontend": self.frontend})
         return self.hello
@@ -86,12 +88,12 @@ class EngineClient:
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, list(slots))
-        self._writer.writelines(encode_frame({**msg, "id": rid}, list(blobs)))
+        self._out.send(encode_frame({**msg, "id": rid}, list(blobs)))
         try:
             return await fut  # cancelling this wait cancels `fut`; its slots stay pending until the answer
         except asyncio.CancelledError:  # timed out or the client left: the engine skips it if it can
             if self.connected and rid in self._pending:
-                self._writer.writelines(encode_frame({"op": "abandon", "id": 0, "target": rid}))
+                self._out.send(encode_frame({"op": "abandon", "id": 0, "target": rid}))
             raise
 
     async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:

@@ -80,7 +80,21 @@ def wait_job(c: httpx.Client, job_id: str, until: Callable[[dict], bool] = finis
 
 def ring_owner(root: Path) -> tuple[subprocess.Popen, Path]:
     """A real process that creates a ring and lives until killed; the ring's path."""
-    code = ("import sys, time; from server.channel import RingLayout, SlotRing; "
-            "r = SlotRing.create(RingLayout(1, 2, 4096)); print(r.path, flush=True); time.sleep(600)")
+    proc, paths = _owner(root, "r = SlotRing.create(RingLayout(1, 2, 4096)); print(r.path, flush=True)", 1)
+    return proc, paths[0]
+
+
+def supervisor_leftovers(root: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """A real process that creates what a supervisor owns (a ring, a work folder with a file in it)
+    as the supervisor does, and lives until killed; the ring's and the folder's paths."""
+    proc, (ring, workdir) = _owner(root, "r = SlotRing.create(RingLayout(1, 2, 4096)); d, fd = owned_workdir(); "
+                                         "(d / 'engine.sock').write_bytes(b''); print(r.path, flush=True); "
+                                         "print(d, flush=True)", 2)
+    return proc, ring, workdir
+
+
+def _owner(root: Path, body: str, lines: int) -> tuple[subprocess.Popen, list[Path]]:
+    code = ("import time; from server.channel import RingLayout, SlotRing, owned_workdir; "
+            f"{body}; time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True)
-    return proc, Path(proc.stdout.readline().strip())
+    return proc, [Path(proc.stdout.readline().strip()) for _ in range(lines)]

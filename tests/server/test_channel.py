@@ -178,3 +178,40 @@ def test_rings_of_sigkilled_owners_are_swept_and_live_ones_kept() -> None:
     assert not mine.path.exists()
     sweep_stale_rings()
     assert not alive_path.exists() and not unlocked.exists()  # killed too: the next sweep takes both
+
+
+def test_an_outbox_writes_one_turns_frames_together_and_in_order() -> None:
+    """Frames sent in one event-loop turn leave in one `writelines` (one system call, one wake-up of
+    the peer); the peer reads every message, in order; nothing is written once the writer closes."""
+    import asyncio
+    import socket
+
+    from server.channel import Outbox, encode_frame, read_frame
+
+    async def go() -> None:
+        a, b = socket.socketpair()
+        reader, a_writer = await asyncio.open_connection(sock=a)  # both ends kept: a dropped writer closes
+        b_reader, writer = await asyncio.open_connection(sock=b)
+        calls = []
+        plain = writer.writelines
+        writer.writelines = lambda parts: (calls.append(len(parts)), plain(parts))[1]
+        out = Outbox(writer)
+        for i in range(5):
+            out.send(encode_frame({"id": i}, [bytes([i]) * (i + 1)] if i % 2 else []))
+        assert calls == []  # nothing before the turn ends
+        got = [await read_frame(reader) for _ in range(5)]
+        assert len(calls) == 1
+        assert [m["id"] for m, _ in got] == list(range(5))
+        assert [blobs for _, blobs in got] == [[], [b"\x01" * 2], [], [b"\x03" * 4], []]
+        out.send(encode_frame({"id": 5}))
+        await asyncio.sleep(0)
+        out.send(encode_frame({"id": 6}))  # a later turn: a write of its own
+        assert [m["id"] for m, _ in [await read_frame(reader), await read_frame(reader)]] == [5, 6]
+        assert calls == [9, 1, 1]  # 5 messages and 2 blobs (a header and the bytes each): 9 buffers
+        writer.close()
+        out.send(encode_frame({"id": 7}))
+        await asyncio.sleep(0)
+        assert len(calls) == 3
+        a_writer.close()
+
+    asyncio.run(go())

@@ -1,6 +1,6 @@
 """Front-end processes over real uvicorn processes: a crashed front end is replaced, metrics merge
 across front ends, SIGTERM stops everything with status 0, a SIGKILLed server's ring file is swept
-at the next start; the single-process mode still serves."""
+at the next start with its work folder; the single-process mode still serves."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.helpers import backbone_for, constant_task, png, ring_owner
+from tests.server.helpers import backbone_for, constant_task, png, supervisor_leftovers
 
 
 def children(pid: int) -> dict[str, list[int]]:
@@ -39,12 +39,14 @@ def counter(text: str, prefix: str) -> float:
 
 
 def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_server, tiny_vit_file) -> None:
-    owner, stale = ring_owner(Path(__file__).resolve().parents[2])
-    owner.send_signal(signal.SIGKILL)  # a server killed with -9 leaves its ring file behind
+    owner, stale, stale_dir = supervisor_leftovers(Path(__file__).resolve().parents[2])
+    owner.send_signal(signal.SIGKILL)  # a server killed with -9 leaves its ring file and work folder behind
     owner.wait(30)
-    assert stale.exists()
+    assert stale.exists() and (stale_dir / "engine.sock").exists()
     proc = start_server(env={"VPT_FRONTEND_WORKERS": "2", "VPT_WORKERS": "0"})
-    assert not stale.exists()  # the next server's supervisor swept it
+    assert not stale.exists() and not stale_dir.exists()  # the next server's supervisor swept them
+    mine = [p for p in stale_dir.parent.glob(f"vpt-serve-{proc.proc.pid}-*")]
+    assert len(mine) == 1 and (mine[0] / "engine.sock").exists()  # its own is locked: kept
     bb = backbone_for(str(tiny_vit_file))
     httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=1)).raise_for_status()
     kids = children(proc.proc.pid)
