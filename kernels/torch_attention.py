@@ -1,19 +1,41 @@
 """The portable path: gather each sample's prompt keys from the bank, concatenate, run SDPA.
 
 A key mask is built only when lengths differ inside the batch; with equal lengths SDPA runs
-unmasked (on CUDA that keeps the Flash backend available).
+unmasked (on CUDA that keeps the Flash backend available). Finding that out reads the lengths back
+to the host, which a CUDA graph capture cannot do: inside `static_masks()` the mask is always built
+from the lengths on the device (same result, decided from shapes alone).
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+_STATIC = contextvars.ContextVar("vpt_static_masks", default=False)
+
+
+@contextlib.contextmanager
+def static_masks() -> Iterator[None]:
+    """Masks decided from shapes only (no host reads) while inside: for CUDA graph capture."""
+    token = _STATIC.set(True)
+    try:
+        yield
+    finally:
+        _STATIC.reset(token)
+
+
 def _key_mask(n: int, p: int, seq_len: Tensor | None, plen: Tensor | None, device: torch.device) -> Tensor | None:
     """(B, 1, 1, n + p) boolean mask of valid keys, or None when every key is valid."""
-    own_full = seq_len is None or bool((seq_len == n).all())
-    prompt_full = plen is None or p == 0 or bool((plen == p).all())
+    if _STATIC.get():
+        own_full, prompt_full = seq_len is None, plen is None or p == 0
+    else:
+        own_full = seq_len is None or bool((seq_len == n).all())
+        prompt_full = plen is None or p == 0 or bool((plen == p).all())
     if own_full and prompt_full:
         return None
     parts = []

@@ -10,10 +10,15 @@ n rows are kept. Samples never interact in a ViT forward, so padded rows cannot 
 tests/vpt/test_graphs.py checks that for every tuning method on the CPU, where the same padding
 runs eagerly.
 
-A component whose `prepare` reads a value back to the host (vpt-deep and vpt-shallow take the
-batch's longest prompt with `int(...)`, partial tuning and mlp heads group samples by task) cannot
-be captured: the capture fails, that key is remembered as eager, and those batches run as without
-graphs. Everything else about the batch (bank, heads, answers) is unchanged.
+A capture cannot read a value back to the host. The forward decides everything from shapes: prompt
+widths are the table's (not the batch's longest prompt), bias and adapter rows of tasks without
+them are zero (adding exactly 0), and attention masks are built from the lengths on the device
+(`kernels.torch_attention.static_masks`). tests/vpt/test_graphs.py runs every method's forward on
+the CPU under a dispatch mode that fails on any host read (`.item()`, `nonzero`, `unique`...). The
+one exception is partial tuning (`Component.capturable = False`): its last block runs once per task
+of the batch, grouped by the slots' values; a table holding its fields runs without a graph, as
+does any key whose capture fails anyway (remembered, never retried). Heads run after the graph.
+Everything else about the batch (bank, heads, answers) is unchanged.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.torch_attention import static_masks
 from vpt.backbone import Backbone
 from vpt.engine import PromptTable, forward_features
+from vpt.methods import forward_components
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,11 @@ def table_key(table: PromptTable) -> tuple:
             tuple((k, tuple(v.shape)) for k, v in sorted(table.lengths.items())))
 
 
+def capturable(table: PromptTable) -> bool:
+    """Whether every component whose fields the table holds decides its forward from shapes alone."""
+    return all(c.capturable for c in forward_components() if any(f.name in table.tensors for f in c.fields))
+
+
 def padded_features(backbone: Backbone, images: Tensor, table: PromptTable, slot: Tensor,
                     buckets: tuple[int, ...]) -> Tensor:
     """The bucketed forward run eagerly (what a graph replays): (n, 3, H, W) -> (n, d)."""
@@ -116,7 +128,7 @@ class GraphedForward:
         x, s = pad_rows(images, slot, b)
         t = pad_table(table, b)
         key = (b, table_key(t))
-        if key in self._eager:
+        if key in self._eager or not capturable(t):
             self.fallbacks += 1
             return forward_features(backbone, images, table, slot)
         g = self._graphs.get(key)
@@ -146,11 +158,11 @@ class GraphedForward:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), static_masks():
                 for _ in range(2):  # lazy initialisations (cuBLAS handles, kernel autotuning) happen here
                     forward_features(bb, static.images, static.table, static.slot)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(static.graph, pool=self._pool):
+            with torch.cuda.graph(static.graph, pool=self._pool), static_masks():
                 static.out = forward_features(bb, static.images, static.table, static.slot)  # (b, d)
             self._pool = static.graph.pool()
         except Exception as e:  # a host sync or an uncapturable op in some component  # noqa: BLE001
@@ -166,4 +178,4 @@ class GraphedForward:
         return static
 
 
-__all__ = ["GraphedForward", "batch_buckets", "bucket_of", "pad_rows", "pad_table", "padded_features", "table_key"]
+__all__ = ["GraphedForward", "batch_buckets", "capturable", "bucket_of", "pad_rows", "pad_table", "padded_features", "table_key"]

@@ -1,15 +1,19 @@
 """Batch buckets for CUDA graphs: padding a batch to its bucket (zero images, a padded table) never
 changes the real rows' features, for every tuning method, head and pooling in vpt/methods/ (checked
-on the CPU, where the same padding runs eagerly); graph capture and replay need a GPU (`gpu`)."""
+on the CPU, where the same padding runs eagerly); every method but partial tuning runs its forward
+without reading a value back to the host (what a capture needs; checked on the CPU with a dispatch
+mode); graph capture and replay need a GPU (`gpu`)."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from vpt.backbone import Backbone, load_backbone
 from vpt.engine import forward_features, forward_grouped, pack_slots, task_slot_tensors
-from vpt.graphs import GraphedForward, batch_buckets, bucket_of, pad_rows, pad_table, padded_features
+from kernels.torch_attention import static_masks
+from vpt.graphs import GraphedForward, batch_buckets, bucket_of, capturable, pad_rows, pad_table, padded_features
 from vpt.methods import COMPONENTS, POOLINGS
 from vpt.task import TaskParams, TaskSpec
 
@@ -79,6 +83,46 @@ def test_padded_rows_never_change_real_rows(spec: dict, one_thread) -> None:
     torch.testing.assert_close(one, plain[:1], rtol=1e-9, atol=1e-9)
 
 
+class HostReads(TorchDispatchMode):
+    """Records every op that reads a tensor's values back to the host or sizes its output from them:
+    what a CUDA graph capture cannot contain."""
+
+    SYNCING = ("_local_scalar_dense", "is_nonzero", "item", "nonzero", "unique", "masked_select", "equal")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if any(name in str(func) for name in self.SYNCING):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", SPECS + [{"method": "mixed"}], ids=lambda s: "-".join(s.values()))
+def test_capturable_forwards_read_nothing_back_to_the_host(spec: dict, one_thread) -> None:
+    """Every method but partial tuning decides its forward from shapes: no host read in the whole
+    forward (so its batches can be captured), with the same features as the ordinary forward."""
+    bb = _bb()
+    if spec["method"] == "mixed":  # every capturable method in one table, one batch
+        slots = [s for name in COMPONENTS if name != "partial-1" for s in _tasks(bb, {"method": name}, n=1)]
+        slots += _tasks(bb, {"method": "linear"}, n=1)
+    else:
+        slots = _tasks(bb, spec)
+    table = pack_slots(bb, slots)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64)
+    slot = torch.arange(6) % len(slots)
+    with torch.inference_mode():
+        plain = forward_features(bb, images, table, slot)                                # (6, d)
+        with static_masks(), HostReads() as reads:
+            static = forward_features(bb, images, table, slot)
+    torch.testing.assert_close(static, plain, rtol=1e-10, atol=1e-10)
+    expected = "partial-1" not in spec["method"]
+    assert capturable(table) == expected
+    assert (reads.ops == []) == expected, reads.ops
+
+
 def test_graphed_forward_is_the_plain_forward_off_cuda(one_thread) -> None:
     bb = _bb()
     slots = _tasks(bb, {"method": "vpt-deep"})
@@ -97,7 +141,8 @@ def test_graphed_forward_is_the_plain_forward_off_cuda(one_thread) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("spec", [{"method": "linear"}, {"method": "bias"}, {"method": "vpt-deep"}],
+@pytest.mark.parametrize("spec", [{"method": "linear"}, {"method": "bias"}, {"method": "vpt-deep"},
+                                  {"method": "vpt-shallow"}, {"method": "adapter"}, {"method": "partial-1"}],
                          ids=lambda s: s["method"])
 def test_graph_replays_match_the_eager_forward_on_cuda(spec: dict) -> None:
     bb = _bb("cuda", torch.float32)
@@ -111,5 +156,7 @@ def test_graph_replays_match_the_eager_forward_on_cuda(spec: dict) -> None:
             slot = torch.randint(0, 3, (n,), generator=g).cuda()
             got = graphed(bb, images, table, slot)
             torch.testing.assert_close(got, forward_features(bb, images, table, slot), rtol=1e-4, atol=1e-4)
-    # vpt-deep's prepare reads its longest prompt back to the host: it cannot be captured and falls back
-    assert graphed.captures + len(graphed._eager) == 3 and graphed.replays + graphed.fallbacks == 5
+    if spec["method"] == "partial-1":  # grouped by task from the slots' values: never captured
+        assert graphed.captures == graphed.replays == 0 and graphed.fallbacks == 5
+    else:  # buckets 8, 16 and 1: three graphs, every batch replayed
+        assert graphed.captures == 3 and graphed.replays == 5 and not graphed._eager

@@ -52,6 +52,9 @@ class Component:
     kind: str = "method"          # "method" | "head" | "pooling"
     count_key: str = ""           # key in the trainable-parameter count ("" = the name)
     fields: tuple[Field, ...] = ()
+    # `prepare` and the forward hooks decide from shapes only, never from values read back to the host,
+    # so a batch of this component can be captured in a CUDA graph (vpt/graphs.py)
+    capturable: bool = True
 
     def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
         """Raise TaskSpecError when `spec` (with this component) cannot work on `backbone`."""

@@ -52,6 +52,8 @@ class Partial1(BackboneCopy):
     def slot_tensors(self, module: nn.Module | None, spec: TaskSpec, build: Build) -> dict[str, Tensor]:
         return {"partial": module.values.to(build.backbone.device, build.backbone.dtype)[None]}   # (1, n)
 
+    capturable = False   # the tail runs once per task of the batch: the groups come from the slots' values
+
     def prepare(self, ctx: BatchContext) -> None:
         ctx.tail_groups = _groups
 

@@ -92,7 +92,7 @@ class VptDeep(Component):
 
     def prepare(self, ctx: BatchContext) -> None:
         lens = ctx.table.tensors["deep_len"]                                         # (S, L)
-        P = int(ctx.gather("deep_len").max())
+        P = ctx.table.tensors["deep_k"].shape[3]  # widths, not values: nothing is read back to the host
         if P > 0:
             per_layer = lens.t().contiguous()                                        # (L, S)
 
@@ -103,7 +103,7 @@ class VptDeep(Component):
             ctx.kv = kv
         if "deep_last" in ctx.table.lengths:
             last_len = ctx.length("deep_last")                                       # (B,)
-            pl = int(last_len.max())
+            pl = ctx.table.tensors["deep_last"].shape[1]
             if pl > 0:
                 ctx.per_sample["last_tokens"] = ctx.gather("deep_last")[:, :pl]      # (B, pl, d)
                 ctx.per_sample["last_tokens_len"] = last_len

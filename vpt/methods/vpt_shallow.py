@@ -65,7 +65,7 @@ class VptShallow(Component):
 
     def prepare(self, ctx: BatchContext) -> None:
         lens = ctx.length("shallow")                                             # (B,)
-        ps = int(lens.max())
+        ps = ctx.table.tensors["shallow"].shape[1]  # the table's width, not the batch's longest: no host read
         if ps > 0:
             ctx.per_sample["tokens"] = ctx.gather("shallow")[:, :ps]             # (B, ps, d)
             ctx.per_sample["tokens_len"] = lens
