@@ -157,7 +157,7 @@ METHODS = {"linear": {"method": "linear"}, "vpt-shallow": {"method": "vpt-shallo
            "vpt-deep": {"method": "vpt-deep"}, "bias": {"method": "bias"},
            "vpt-deep+bias": {"method": "vpt-deep+bias"}, "adapter": {"method": "adapter", "adapter_reduction": 8},
            "partial-1": {"method": "partial-1"}, "mlp-3": {"method": "linear", "head": "mlp-3"},
-           "auto": {"method": "auto"}}
+           "auto": {"method": "auto", "adapter_reduction": 8}}
 
 
 def adapt_prompted(bb: Backbone, method: str, data: dict[str, list], args: argparse.Namespace) -> dict:

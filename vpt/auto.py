@@ -5,7 +5,9 @@ with only its method changed; the score is the candidate's kept epoch's validati
 Ties go to the cheaper candidate (fewer trainable parameters), then to the earlier one in the list.
 The leaderboard (method, val accuracy, trainable parameters, train time) goes into the version's
 metrics and every progress event; a "candidate" event follows each candidate, so the job's last
-progress record holds the whole leaderboard.
+progress record holds the whole leaderboard. A candidate the backbone cannot take (an adapter
+reduction that does not divide its width, say) is not trained: its row says why (`skipped`), so one
+unfit default never fails the whole job; with no candidate left the job fails on `auto_methods`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from vpt.backbone import Backbone
+from vpt.errors import TaskSpecError, TrainOptionsError
 from vpt.runs import need_validation, train_runs
 from vpt.train import (
     CancelFn,
@@ -47,9 +50,12 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
              should_cancel: CancelFn | None = None, step_gate: StepGate | None = None) -> AutoResult:
     """Train each of `options.auto_methods`; the best validation accuracy wins."""
     need_validation(val_set, "method auto: picking a method", "method")
-    candidates = list(dict.fromkeys(options.auto_methods))
+    candidates, skipped = fitting_candidates(backbone, classes, options)
+    if not candidates:
+        reasons = "; ".join(f"{row['method']}: {row['skipped']}" for row in skipped)
+        raise TrainOptionsError(f"no candidate of method auto fits this backbone ({reasons})", field="auto_methods")
     progress = Progress(len(candidates), total_steps(len(train_set), options), on_progress)
-    progress.leaderboard = []
+    progress.leaderboard = list(skipped)
 
     def before(_: int, run_options: TrainOptions) -> None:
         progress.method = run_options.method
@@ -76,6 +82,22 @@ def run_auto(backbone: Backbone, classes: Sequence[str], train_set: Dataset, val
     if best is None:
         raise TrainingDiverged(f"every candidate of method auto diverged ({candidates}); try a smaller learning rate")
     return AutoResult(winner=best[1], leaderboard=progress.leaderboard)
+
+
+def fitting_candidates(backbone: Backbone, classes: Sequence[str], options: TrainOptions
+                       ) -> tuple[list[str], list[dict[str, Any]]]:
+    """The candidates (in order, once each) the backbone can take, and a leaderboard row for each other."""
+    fit, skipped = [], []
+    for method in dict.fromkeys(options.auto_methods):
+        try:
+            options.replace(method=method).spec(classes).check(backbone)
+        except TaskSpecError as e:
+            log.info("auto: %s skipped: %s", method, e)
+            skipped.append({"method": method, "val_accuracy": None, "trainable_parameters": None,
+                            "train_time_s": None, "diverged": False, "skipped": str(e)})
+        else:
+            fit.append(method)
+    return fit, skipped
 
 
 def _candidate_done(progress: Progress, val_acc: float | None) -> None:

@@ -12,6 +12,7 @@ from vpt.data import ImageDataset, ingest_archive
 from vpt.pipeline import evaluate, train_task_from_archive
 from vpt.preprocess import ImageTransform
 from vpt.task import load_task_file, read_metadata
+from vpt.errors import TrainOptionsError
 from vpt.train import ProgressEvent, TrainOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,3 +73,27 @@ def test_auto_publishes_the_best_candidate_on_validation(tiny_backbone: Backbone
     report = evaluate(tiny_backbone, task.params, ImageDataset(val, ImageTransform(tiny_backbone.data_config)),
                       classes)
     assert report.accuracy == pytest.approx(best, abs=1e-12) == result.val_accuracy
+
+
+def test_candidates_the_backbone_cannot_take_are_skipped_not_fatal(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    """An adapter reduction that does not divide the width (64 here) skips that candidate with its reason;
+    the others train and the best is published. With no candidate left, the job fails on auto_methods."""
+    archive = make_digits_zip(tmp_path / "digits.zip", classes=range(3), per_class=8, layout="split",
+                              val_per_class=4)
+    options = TrainOptions(method="auto", auto_methods=["adapter", "linear", "bias"], epochs=1, batch_size=8,
+                           augmentation="none", adapter_reduction=3)
+    events: list[ProgressEvent] = []
+    result = train_task_from_archive(archive, tmp_path / "work", tiny_backbone, options, on_progress=events.append)
+    board = result.metrics["auto"]["leaderboard"]
+    assert [row["method"] for row in board] == ["adapter", "linear", "bias"]
+    assert "adapter_reduction 3 must divide the embedding width 64" in board[0]["skipped"]
+    assert board[0]["val_accuracy"] is None and board[0]["trainable_parameters"] is None
+    assert all("skipped" not in row and row["val_accuracy"] is not None for row in board[1:])
+    assert result.spec.method in ("linear", "bias")
+    assert [e.method for e in events if e.kind == "epoch"] == ["linear", "bias"]
+    assert events[-1].leaderboard == board and events[-1].fraction == 1.0
+
+    with pytest.raises(TrainOptionsError) as e:
+        train_task_from_archive(archive, tmp_path / "work2", tiny_backbone,
+                                options.replace(auto_methods=["adapter"]))
+    assert e.value.field == "auto_methods" and "no candidate of method auto fits" in str(e.value)
