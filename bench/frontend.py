@@ -10,10 +10,12 @@ file so server and script share a fingerprint). Cases, one JSON line each, in th
   decoded uint8 images plus the forward, at `--batch`;
 - `server` with `VPT_FRONTEND_WORKERS` = each of `--workers` (0 is the single-process server).
 Every process runs `--torch-threads` intra-op threads (default 1: on a small shared box, more
-threads per process spin against each other). CPU per image by role comes from /proc/<pid>/stat (utime + stime) of each process before and after
-the measured run. `decode_ms_per_img` is the CPU time of decoding the same JPEGs with the front
-end's decoder (draft mode included) in this script; `frontend_ms_excl_decode` is the front ends'
-CPU per image minus it. The load average is printed: other work on the machine skews everything.
+threads per process spin against each other). CPU per image by role comes from /proc/<pid>/stat
+(utime + stime) of each process before and after the measured run; `kernel_ms_per_img` is the
+stime part alone (socket reads and writes, wake-ups). `decode_ms_per_img` is the CPU time of
+decoding the same JPEGs with the front end's decoder (draft mode included) in this script;
+`frontend_ms_excl_decode` is the front ends' CPU per image minus it. The load average is printed:
+other work on the machine skews everything.
 """
 from __future__ import annotations
 
@@ -87,9 +89,10 @@ def photos(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, kernel_only: bool = False) -> float:
+    """CPU seconds of `pid` so far: user + kernel time, or the kernel's part alone (socket work, wake-ups)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
+    return (int(fields[12]) + (0 if kernel_only else int(fields[11]))) / CLK  # utime, stime
 
 
 def roles(pid: int) -> dict[str, list[int]]:
@@ -170,8 +173,10 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
         wrk(args, script, args.warmup)
         procs = roles(proc.pid)
         before = {r: sum(cpu_s(p) for p in ps) for r, ps in procs.items()}
+        before_sys = {r: sum(cpu_s(p, True) for p in ps) for r, ps in procs.items()}
         res = wrk(args, script, args.seconds)
         after = {r: sum(cpu_s(p) for p in ps) for r, ps in procs.items()}
+        after_sys = {r: sum(cpu_s(p, True) for p in ps) for r, ps in procs.items()}
         res["mean_batch"] = mean_batch(args.port)
     finally:
         proc.terminate()
@@ -179,6 +184,7 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     ok = res["requests"] - res["status_errors"]
     res["img_s"] = ok / (res["duration_us"] / 1e6)
     res["cpu_ms_per_img"] = {r: round((after[r] - before[r]) * 1000 / max(ok, 1), 3) for r in after}
+    res["kernel_ms_per_img"] = {r: round((after_sys[r] - before_sys[r]) * 1000 / max(ok, 1), 3) for r in after}
     res["exit_code"] = proc.returncode
     return res
 
@@ -241,6 +247,7 @@ def main() -> None:
                               "vs_engine": round(res["img_s"] / engine, 3), "p50_ms": res["p50_ms"],
                               "p99_ms": res["p99_ms"], "errors": res["status_errors"] + res["socket_errors"],
                               "mean_batch": res["mean_batch"], "cpu_ms_per_img": res["cpu_ms_per_img"],
+                              "kernel_ms_per_img": res["kernel_ms_per_img"],
                               "decode_ms_per_img": round(dec, 3),
                               "frontend_ms_excl_decode": round(fe - dec, 3) if n > 0 else None,
                               "exit_code": res["exit_code"], "load_avg": os.getloadavg()[0], **common}), flush=True)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 _STATIC = contextvars.ContextVar("vpt_static_masks", default=False)
 
 

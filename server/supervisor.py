@@ -16,10 +16,17 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from server.channel import (ENV_INDEX, ENV_SHM, ENV_SOCKET, RingLayout, SlotRing, owned_workdir, sweep_stale_rings,
-                            sweep_stale_workdirs)
+from server.channel import (
+    ENV_INDEX,
+    ENV_SHM,
+    ENV_SOCKET,
+    RingLayout,
+    SlotRing,
+    owned_workdir,
+    sweep_stale_rings,
+    sweep_stale_workdirs,
+)
 from server.settings import Settings
 
 log = logging.getLogger("vpt-serve.supervisor")

@@ -178,4 +178,4 @@ class GraphedForward:
         return static
 
 
-__all__ = ["GraphedForward", "batch_buckets", "capturable", "bucket_of", "pad_rows", "pad_table", "padded_features", "table_key"]
+__all__ = ["GraphedForward", "batch_buckets", "bucket_of", "capturable", "pad_rows", "pad_table", "padded_features", "table_key"]

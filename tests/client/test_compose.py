@@ -135,6 +135,6 @@ def test_dockerfile_runtime_contract() -> None:
     # compose builds with the Dockerfile's own defaults; the CA option's default adds nothing
     args = yaml.safe_load(BASE.read_text())["x-vpt"]["build"]["args"]
     for name in ("CUDA_IMAGE", "EXTRA_CA_CERTS"):
-        default = re.search(rf"^ARG {name}=(\S+)$", text, re.M)
+        default = re.search(rf"^ARG {name}=(\S+)$", text, re.MULTILINE)
         assert default and args[name].endswith(f":-{default.group(1)}}}"), (name, args[name])
     assert "BEGIN CERTIFICATE" not in (ROOT / "deploy/ca/none.pem").read_text()

@@ -191,7 +191,7 @@ def test_an_outbox_writes_one_turns_frames_together_and_in_order() -> None:
     async def go() -> None:
         a, b = socket.socketpair()
         reader, a_writer = await asyncio.open_connection(sock=a)  # both ends kept: a dropped writer closes
-        b_reader, writer = await asyncio.open_connection(sock=b)
+        _b_reader, writer = await asyncio.open_connection(sock=b)
         calls = []
         plain = writer.writelines
         writer.writelines = lambda parts: (calls.append(len(parts)), plain(parts))[1]

@@ -9,10 +9,10 @@ import pytest
 from tests.fixtures.digits import make_digits_zip
 from vpt.backbone import Backbone
 from vpt.data import ImageDataset, ingest_archive
+from vpt.errors import TrainOptionsError
 from vpt.pipeline import evaluate, train_task_from_archive
 from vpt.preprocess import ImageTransform
 from vpt.task import load_task_file, read_metadata
-from vpt.errors import TrainOptionsError
 from vpt.train import ProgressEvent, TrainOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,11 +9,19 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kernels.torch_attention import static_masks
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from vpt.backbone import Backbone, load_backbone
 from vpt.engine import forward_features, forward_grouped, pack_slots, task_slot_tensors
-from kernels.torch_attention import static_masks
-from vpt.graphs import GraphedForward, batch_buckets, bucket_of, capturable, pad_rows, pad_table, padded_features
+from vpt.graphs import (
+    GraphedForward,
+    batch_buckets,
+    bucket_of,
+    capturable,
+    pad_rows,
+    pad_table,
+    padded_features,
+)
 from vpt.methods import COMPONENTS, POOLINGS
 from vpt.task import TaskParams, TaskSpec
 
@@ -93,7 +101,7 @@ class HostReads(TorchDispatchMode):
         super().__init__()
         self.ops: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(name in str(func) for name in self.SYNCING):
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.digits import archive_tree, digit_png, digits_entries, make_digits_tree, write_tar, write_zip
+from tests.fixtures.digits import (
+    archive_tree,
+    digit_png,
+    digits_entries,
+    make_digits_tree,
+    write_tar,
+    write_zip,
+)
 from vpt.data import DatasetError, IngestLimits, ingest_archive, preflight_archive
 from vpt.data import errors as E
 

@@ -201,6 +201,20 @@ def other_pages(tab: Tab, api: httpx.Client, bb, job_id: str) -> None:
     tab.go("/jobs")
     tab.page.wait_for_selector(f"#jobs-table a:text('{job_id}')")
     tab.shot("jobs")
+    # method auto with a candidate this backbone (64 wide) cannot take: its row says why, the others train
+    auto = api.post("/tasks/picked/train", files={"dataset": ("a.zip", make_digits_zip(
+        Path(tab.shots) / "a.zip", classes=range(2), per_class=6, layout="split", val_per_class=3).read_bytes())},
+        data={"method": "auto", "auto_methods": "adapter,linear", "adapter_reduction": "3", "epochs": "1",
+              "batch_size": "4"}).json()
+    wait_job(api, auto["job_id"], lambda j: j["state"] == "succeeded")
+    tab.go(f"/job/{auto['job_id']}")
+    tab.page.wait_for_selector("#job-leaderboard tbody tr >> nth=1")
+    heads = tab.page.locator("#job-leaderboard thead th").all_inner_texts()
+    assert {"method", "val accuracy", "trainable parameters", "skipped"} <= set(heads), heads
+    rows = tab.page.locator("#job-leaderboard tbody tr").all_inner_texts()
+    assert rows[0].startswith("adapter") and "must divide the embedding width 64" in rows[0]
+    assert rows[1].startswith("linear") and "must divide" not in rows[1]
+    tab.shot("job-auto")
     tab.go("/server")
     tab.page.wait_for_selector("#bank-facts")  # the browser is a loopback caller: /metrics answers
     assert "vit_tiny" in tab.text("#backbone-facts")

@@ -65,7 +65,8 @@ export async function jobPage(el, signal, id) {
   const board = h("div", { class: "chart-slot-small" });
   function drawBoard(rows) { // method=auto: the candidates finished so far
     if (!Array.isArray(rows) || !rows.length) return;
-    const keys = Object.keys(rows[0]).filter((k) => typeof rows[0][k] !== "object");
+    // every plain column any row has (a skipped candidate's row has nulls and a reason)
+    const keys = [...new Set(rows.flatMap((r) => Object.keys(r).filter((k) => r[k] === null || typeof r[k] !== "object")))];
     board.replaceChildren(h("table", { class: "data compare", id: "job-leaderboard" }, h("caption", {}, "Candidates so far"),
       h("thead", {}, h("tr", {}, keys.map((k) => h("th", { scope: "col" }, k.replace(/_/g, " "))))),
       h("tbody", {}, rows.map((r) => h("tr", {}, keys.map((k) => h("td", {}, typeof r[k] === "number" ? fmtNum(r[k]) : String(r[k] ?? "–"))))))));
