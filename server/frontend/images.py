@@ -23,15 +23,18 @@ from vpt.data.images import IMAGE_FORMATS
 # become gigabytes. No photo is this elongated.
 MAX_ASPECT_RATIO = 64
 ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
+INLINE_PIXELS = 1 << 20  # a small request decodes on the event loop only up to this many pixels (~5 ms)
 
 
 class ImageDecoder:
     """Decodes images to uint8 (H, W, 3) arrays, in `threads` threads (0: on the caller's event loop).
 
-    `inline_bytes`: a request whose images total at most this many bytes decodes on the event loop even
-    with a pool. A thread hop costs CPU of its own (a wake-up, future callbacks: ~0.1 ms a request),
-    which a front-end process among several does better to spend decoding; a large image still goes to
-    the pool, so it never stalls the loop's other requests."""
+    `inline_bytes`: a request whose images total at most this many bytes, and at most `INLINE_PIXELS`
+    pixels once opened (after the JPEG draft scale), decodes on the event loop even with a pool. A
+    thread hop costs CPU of its own (a wake-up, future callbacks: ~0.1 ms a request), which a
+    front-end process among several does better to spend decoding; a large image (in bytes, or a
+    small file of many pixels such as a flat PNG) still goes to the pool, so it never stalls the
+    loop's other requests."""
 
     def __init__(self, max_pixels: int, min_side: int = 0, threads: int = 2, inline_bytes: int = 0) -> None:
         self.max_pixels = max_pixels
@@ -40,13 +43,29 @@ class ImageDecoder:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") if threads > 0 else None
 
     async def decode(self, items: list[tuple[bytes, str]]) -> list[np.ndarray]:
-        """`decode_all` in the pool, or inline (no pool, or a request within `inline_bytes`)."""
-        if self.pool is None or sum(len(data) for data, _ in items) <= self.inline_bytes:
+        """`decode_all` in the pool, or inline (no pool, or a small request: see the class docstring)."""
+        if self.pool is None:
             return self.decode_all(items)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.decode_all, items)
+        if sum(len(data) for data, _ in items) > self.inline_bytes:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self.decode_all, items)
+        opened: list[tuple[Image.Image, str]] = []
+        try:
+            for data, name in items:  # headers only: sizes known, pixels not decoded yet
+                opened.append((self.open_one(data, name), name))
+        except BaseException:
+            for im, _ in opened:
+                im.close()
+            raise
+        if sum(im.size[0] * im.size[1] for im, _ in opened) <= INLINE_PIXELS:
+            return self._load_all(opened)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._load_all, opened)
 
     def decode_one(self, data: bytes, name: str) -> np.ndarray:
         """uint8 (H, W, 3), or a 400 `image_invalid` / 413 `payload_too_large` naming the image."""
+        return self.load_one(self.open_one(data, name), name)
+
+    def open_one(self, data: bytes, name: str) -> Image.Image:
+        """The image opened (its header read and checked, a JPEG's draft scale set), not yet decoded."""
         if not data:
             raise ApiError(400, "image_invalid", f"image {name!r} is empty")
         try:
@@ -55,7 +74,7 @@ class ImageDecoder:
             raise ApiError(413, "payload_too_large", f"image {name!r} is too large: {e}") from e
         except Exception as e:  # decoders raise anything (struct.error, SyntaxError...) on bad bytes
             raise ApiError(400, "image_invalid", f"image {name!r} is not a decodable image") from e
-        with im:
+        try:
             w, h = im.size
             if w * h > self.max_pixels:
                 raise ApiError(413, "payload_too_large",
@@ -65,12 +84,30 @@ class ImageDecoder:
                                                      f"{MAX_ASPECT_RATIO}:1 is refused")
             try:
                 self._draft(im, w, h)
+            except Exception as e:  # noqa: BLE001 (a corrupt header past what open read)
+                raise ApiError(400, "image_invalid", f"image {name!r} cannot be decoded: {e}") from e
+        except BaseException:
+            im.close()
+            raise
+        return im
+
+    def load_one(self, im: Image.Image, name: str) -> np.ndarray:
+        """An opened image's pixels as uint8 (H, W, 3) (EXIF orientation applied); closes the image."""
+        with im:
+            try:
                 im.load()
                 if im.getexif().get(ORIENTATION, 1) != 1:  # most photos need no turn: skip the copy
                     im = ImageOps.exif_transpose(im)
                 return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))    # (H, W, 3) uint8
             except Exception as e:  # truncated or corrupt data past the header
                 raise ApiError(400, "image_invalid", f"image {name!r} cannot be decoded: {e}") from e
+
+    def _load_all(self, opened: list[tuple[Image.Image, str]]) -> list[np.ndarray]:
+        try:
+            return [self.load_one(im, name) for im, name in opened]
+        finally:
+            for im, _ in opened:  # the rest, when one failed
+                im.close()
 
     def _draft(self, im: Image.Image, w: int, h: int) -> None:
         """Let a JPEG decode at the smallest DCT scale that keeps both sides >= min_side."""

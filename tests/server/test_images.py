@@ -44,22 +44,31 @@ def test_other_modes_become_rgb(mode: str) -> None:
 
 def test_small_requests_decode_inline_and_large_ones_in_the_pool() -> None:
     small = _jpeg(Image.new("RGB", (32, 32), (1, 2, 3)))
+    buf = io.BytesIO()
+    Image.new("RGB", (1500, 1000), (9, 9, 9)).save(buf, "PNG")  # a few KB, 1.5 M pixels
+    flat = buf.getvalue()
+    dec = ImageDecoder(10**7, threads=1, inline_bytes=max(len(small) * 2, len(flat)))
     where: list[str] = []
-    dec = ImageDecoder(10**7, threads=1, inline_bytes=len(small) * 2)
-    plain_all = dec.decode_all
-    dec.decode_all = lambda items: (where.append(threading.current_thread().name), plain_all(items))[1]
+    plain_load = dec.load_one
+    dec.load_one = lambda im, name: (where.append(threading.current_thread().name), plain_load(im, name))[1]
 
     async def go() -> None:
         await dec.decode([(small, "one")])               # within inline_bytes: on the loop's thread
-        await dec.decode([(small, "a"), (small, "b")])   # exactly inline_bytes: still inline
-        await dec.decode([(small, "a"), (small, "b"), (small, "c")])  # beyond: the pool
+        await dec.decode([(small, "a"), (small, "b")])   # at most inline_bytes: still inline
+        await dec.decode([(small, "a")] * 20)            # beyond: the pool
+        assert (await dec.decode([(flat, "flat")]))[0].shape == (1000, 1500, 3)  # few bytes, many pixels: pool
         with pytest.raises(ApiError) as e:               # a bad image fails the same way on either path
             await dec.decode([(b"not an image", "bad")])
         assert e.value.status == 400 and e.value.code == "image_invalid"
+        with pytest.raises(ApiError) as e:               # one bad image among good ones names itself
+            await dec.decode([(small, "good"), (small[:60], "cut")])
+        assert e.value.status == 400 and "'cut'" in e.value.message
 
     try:
         asyncio.run(go())
     finally:
         dec.close()
     main = threading.current_thread().name
-    assert where[:3] == [main, main, where[2]] and where[2].startswith("decode")
+    assert where[:3] == [main, main, main]  # one request of one image, then one of two
+    assert {w for w in where[3:23]} == {where[3]} and where[3].startswith("decode")
+    assert where[23].startswith("decode")
