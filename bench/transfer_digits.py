@@ -2,11 +2,13 @@
 
 A small ViT (6 blocks, d=96, 3 heads, 32x32 inputs in 8x8 patches) is fully trained (all weights,
 AdamW) on scikit-learn's digits 0-4, saved, and loaded back as the frozen backbone. It is then
-adapted to digits 5-9 from `--shots` images per class with linear probing, VPT-Shallow and
-VPT-Deep (vpt.train, the recipe the server runs) and with full fine-tuning (all weights, AdamW),
-all for the same number of epochs; the rest of digits 5-9 is the validation set.
+adapted to digits 5-9 from `--shots` images per class with every tuning method of the registry
+(linear, vpt-shallow, vpt-deep, bias, vpt-deep+bias, adapter, partial-1, an mlp-3 head) and
+`auto`, each with vpt.train (the recipe the server runs) and a base-lr search over `--lrs` scored
+on validation, and with full fine-tuning (all weights, AdamW), all for the same number of epochs;
+the winner of each search is scored on the held-out test images.
 
-    .venv/bin/python bench/transfer_digits.py [--epochs 30] [--shots 40] [--pretrain-epochs 20]
+    .venv/bin/python bench/transfer_digits.py [--epochs 30] [--shots 40] [--methods linear bias ...]
 
 Prints one JSON line for pre-training and one per method: validation accuracy, trainable
 parameters, training and inference images/s, and ratios to full fine-tuning.
@@ -216,7 +218,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=40, help="training images per new class")
     ap.add_argument("--val", type=int, default=20, help="validation images per new class (lr selection)")
     ap.add_argument("--prompts", type=int, default=10)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[0.25, 1.0, 5.0, 25.0],
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.05, 0.25, 1.0, 5.0, 25.0],
                     help="base lrs searched for the prompt methods")
     ap.add_argument("--full-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="AdamW lrs, full FT")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
