@@ -63,10 +63,13 @@ export async function jobPage(el, signal, id) {
   const losses = []; // (global step fraction, loss) seen live
 
   const board = h("div", { class: "chart-slot-small" });
+  const BOARD_ORDER = ["method", "val_accuracy", "trainable_parameters", "train_time_s", "diverged", "skipped"];
   function drawBoard(rows) { // method=auto: the candidates finished so far
     if (!Array.isArray(rows) || !rows.length) return;
     // every plain column any row has (a skipped candidate's row has nulls and a reason)
-    const keys = [...new Set(rows.flatMap((r) => Object.keys(r).filter((k) => r[k] === null || typeof r[k] !== "object")))];
+    // in a reading order (stored records come back with their keys sorted), then any other column
+    const plain = rows.flatMap((r) => Object.keys(r).filter((k) => r[k] === null || typeof r[k] !== "object"));
+    const keys = [...new Set([...BOARD_ORDER.filter((k) => plain.includes(k)), ...plain])];
     board.replaceChildren(h("table", { class: "data compare", id: "job-leaderboard" }, h("caption", {}, "Candidates so far"),
       h("thead", {}, h("tr", {}, keys.map((k) => h("th", { scope: "col" }, k.replace(/_/g, " "))))),
       h("tbody", {}, rows.map((r) => h("tr", {}, keys.map((k) => h("td", {}, typeof r[k] === "number" ? fmtNum(r[k]) : String(r[k] ?? "–"))))))));
