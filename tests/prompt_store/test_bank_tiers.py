@@ -111,6 +111,9 @@ def test_change_events_from_redis_reach_both_tiers(redis_fresh_url: str, tiny_ba
     bank = PromptBank(tiny_backbone, reader, 10_000_000, version_ttl_s=3600)
     blob = task_blob(tiny_backbone, seed=3)
     writer.put_task(TENANT, "r", blob, read_metadata(blob))
+    # the put's own event comes back asynchronously; a load it overtakes is served but not cached
+    # (loads begun before a change are never kept), so wait for it on a loaded machine
+    wait_until(lambda: bank._loader.generation(TENANT, "r") == 1)
     bank.release(bank.acquire(TENANT, ["r"]))
     assert len(bank.host.keys()) == len(bank.resident()) == 1
     writer.delete_task(TENANT, "r")
