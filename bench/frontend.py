@@ -89,10 +89,20 @@ def photos(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def cpu_s(pid: int, kernel_only: bool = False) -> float:
-    """CPU seconds of `pid` so far: user + kernel time, or the kernel's part alone (socket work, wake-ups)."""
+def cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of `pid` so far: (user + kernel, the kernel's part alone: socket work, wake-ups)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[12]) + (0 if kernel_only else int(fields[11]))) / CLK  # utime, stime
+    utime, stime = int(fields[11]) / CLK, int(fields[12]) / CLK
+    return utime + stime, stime
+
+
+def cpu_by_role(procs: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
+    """`cpu_s` summed over each role's processes, one read of /proc per process."""
+    out = {}
+    for role, pids in procs.items():
+        times = [cpu_s(p) for p in pids]
+        out[role] = (sum(t for t, _ in times), sum(k for _, k in times))
+    return out
 
 
 def roles(pid: int) -> dict[str, list[int]]:
@@ -172,19 +182,17 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     try:
         wrk(args, script, args.warmup)
         procs = roles(proc.pid)
-        before = {r: sum(cpu_s(p) for p in ps) for r, ps in procs.items()}
-        before_sys = {r: sum(cpu_s(p, True) for p in ps) for r, ps in procs.items()}
+        before = cpu_by_role(procs)
         res = wrk(args, script, args.seconds)
-        after = {r: sum(cpu_s(p) for p in ps) for r, ps in procs.items()}
-        after_sys = {r: sum(cpu_s(p, True) for p in ps) for r, ps in procs.items()}
+        after = cpu_by_role(procs)
         res["mean_batch"] = mean_batch(args.port)
     finally:
         proc.terminate()
         proc.wait(60)
     ok = res["requests"] - res["status_errors"]
     res["img_s"] = ok / (res["duration_us"] / 1e6)
-    res["cpu_ms_per_img"] = {r: round((after[r] - before[r]) * 1000 / max(ok, 1), 3) for r in after}
-    res["kernel_ms_per_img"] = {r: round((after_sys[r] - before_sys[r]) * 1000 / max(ok, 1), 3) for r in after}
+    for name, part in (("cpu_ms_per_img", 0), ("kernel_ms_per_img", 1)):
+        res[name] = {r: round((after[r][part] - before[r][part]) * 1000 / max(ok, 1), 3) for r in after}
     res["exit_code"] = proc.returncode
     return res
 

@@ -133,10 +133,12 @@ class Settings(BaseSettings):
             return self.frontend_workers
         return max(1, (os.cpu_count() or 1) - 1)
 
-    @property
-    def frontend_inline_bytes(self) -> int:
-        """`decode_inline_bytes` in a front-end process: by default a usual photo decodes on the event loop."""
-        return 256 << 10 if self.decode_inline_bytes is None else self.decode_inline_bytes
+    def inline_decode_bytes(self, frontend: bool) -> int:
+        """`decode_inline_bytes` resolved: by default a usual photo decodes on a front end's event loop,
+        and the single process hands every request to its decoding pool."""
+        if self.decode_inline_bytes is not None:
+            return self.decode_inline_bytes
+        return 256 << 10 if frontend else 0
 
     @property
     def uploads_dir(self) -> Path:

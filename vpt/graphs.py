@@ -76,10 +76,12 @@ def pad_table(table: PromptTable, slots: int) -> PromptTable:
     return PromptTable(tensors=tensors, lengths=lengths, slots=slots, device=table.device)
 
 
-def table_key(table: PromptTable) -> tuple:
-    """What a captured graph depends on besides the batch size: every field's shape and dtype."""
-    return (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(table.tensors.items())),
-            tuple((k, tuple(v.shape)) for k, v in sorted(table.lengths.items())))
+def table_key(table: PromptTable, slots: int | None = None) -> tuple:
+    """What a captured graph depends on besides the batch size: every field's shape and dtype, with
+    the slot dim as `pad_table(table, slots)` would make it (nothing is padded to know it)."""
+    rows = table.slots if slots is None else max(table.slots, slots)
+    return (tuple((k, (rows, *v.shape[1:]), v.dtype) for k, v in sorted(table.tensors.items())),
+            tuple((k, (rows, *v.shape[1:])) for k, v in sorted(table.lengths.items())))
 
 
 def capturable(table: PromptTable) -> bool:
@@ -115,7 +117,7 @@ class GraphedForward:
         self.buckets = batch_buckets(max_batch)
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._eager: set[tuple] = set()  # keys whose capture failed
+        self._eager: set[tuple] = set()  # keys run without a graph: not capturable, or their capture failed
         self._pool = None
         self.replays = self.captures = self.fallbacks = 0
 
@@ -125,13 +127,15 @@ class GraphedForward:
         if not self.active or n > self.buckets[-1]:
             return forward_features(backbone, images, table, slot)
         b = bucket_of(n, self.buckets)
-        x, s = pad_rows(images, slot, b)
-        t = pad_table(table, b)
-        key = (b, table_key(t))
-        if key in self._eager or not capturable(t):
+        key = (b, table_key(table, b))
+        g = self._graphs.get(key)
+        if g is None and key not in self._eager and not capturable(table):
+            self._eager.add(key)  # decided once per key, from the table's fields
+        if key in self._eager:
             self.fallbacks += 1
             return forward_features(backbone, images, table, slot)
-        g = self._graphs.get(key)
+        x, s = pad_rows(images, slot, b)
+        t = pad_table(table, b)
         if g is None:
             g = self._capture(key, x, t, s)
             if g is None:

@@ -24,7 +24,6 @@ from server.errors import ApiError, error_response, http_error, translate
 from server.frontend.deps import get_tenant
 from server.frontend.missing import better_error
 from server.frontend.routes import predict
-from server.frontend.routes.predict import answer
 
 PATH = "/predict"
 _TOP_K = re.compile(r"^[0-9]{1,3}$")
@@ -72,7 +71,7 @@ class FastPredict:
         try:
             tenant = await get_tenant(request, state)
             validate_id(task)
-            response = await answer(request, state, tenant, task, top_k)
+            response = await predict.answer(request, state, tenant, task, top_k)
         except StarletteHTTPException as e:  # 408/413 from the body limits
             response = error_response(http_error(e), scope["state"].get("request_id"), PATH)
         except ClientDisconnect:

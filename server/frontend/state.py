@@ -94,7 +94,7 @@ class FrontendState:
         self.backbone = BackboneInfo(hello["backbone"])
         self.decoder = ImageDecoder(self.settings.max_image_pixels, int(hello["min_side"]),
                                     threads=self.settings.decode_threads,
-                                    inline_bytes=self.settings.frontend_inline_bytes)
+                                    inline_bytes=self.settings.inline_decode_bytes(frontend=True))
 
     async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:
         return await self.client.predict(tenant, task, images, top_k)

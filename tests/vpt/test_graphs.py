@@ -21,6 +21,7 @@ from vpt.graphs import (
     pad_rows,
     pad_table,
     padded_features,
+    table_key,
 )
 from vpt.methods import COMPONENTS, POOLINGS
 from vpt.task import TaskParams, TaskSpec
@@ -73,6 +74,8 @@ def test_padding_shapes_and_padded_slots_are_empty() -> None:
         assert t.shape == (8, *table.tensors[name].shape[1:]) and torch.equal(t[:3], table.tensors[name])
         assert not t[3:].any()
     assert all(not lens[3:].any() for lens in padded.lengths.values())
+    assert table_key(table, 8) == table_key(padded) != table_key(table)  # a graph's key, known before padding
+    assert table_key(table, 2) == table_key(table)                        # a table never shrinks
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(s.values()))
