@@ -1,21 +1,29 @@
 """Front-end throughput: wrk against the single-process server and N front-end processes, vs the offline engine.
 
-    .venv/bin/python bench/frontend.py [--workers 0,1,2] [--seconds 20] [--connections 32] [--device cpu]
+    .venv/bin/python bench/frontend.py [--workers 0,1,2] [--seconds 20] [--rounds 1] [--connections 32] [--device cpu]
 
 Needs Debian's wrk (`apt-get install wrk`). Requests are single images: random crops of
 scikit-learn's `load_sample_images` resized to random sizes of 200-800 px, JPEG quality 90, each
 for a random one of `--tasks` vpt-deep tasks, all on a tiny ViT (random weights saved to a temp
-file so server and script share a fingerprint). Cases, one JSON line each, in this order:
+file so server and script share a fingerprint); wrk sends 256 requests built once, at random.
+Cases, one JSON line each, in this order:
 - `engine`: the offline engine, no HTTP: device preprocessing (vpt/preprocess.py) of already
   decoded uint8 images plus the forward, at `--batch`;
-- `server` with `VPT_FRONTEND_WORKERS` = each of `--workers` (0 is the single-process server).
+- `server` with `VPT_FRONTEND_WORKERS` = each of `--workers` (0 is the single-process server),
+  `--rounds` times, interleaved (0, 1, 2, 0, 1, 2, ...): slow drifts of a shared machine then hit
+  every case alike, and `vs_n0` compares each case with the same round's N=0;
+- `summary`: medians over the rounds (img/s per N, the per-round ratio to N=0, the front ends' CPU).
 Every process runs `--torch-threads` intra-op threads (default 1: on a small shared box, more
 threads per process spin against each other). CPU per image by role comes from /proc/<pid>/stat
 (utime + stime) of each process before and after the measured run; `kernel_ms_per_img` is the
-stime part alone (socket reads and writes, wake-ups). `decode_ms_per_img` is the CPU time of
-decoding the same JPEGs with the front end's decoder (draft mode included) in this script;
-`frontend_ms_excl_decode` is the front ends' CPU per image minus it. The load average is printed:
-other work on the machine skews everything.
+stime part alone (socket reads and writes, wake-ups). `decode_ms_per_img` is the CPU the server
+itself spent decoding, per image, during the measured run (its `vpt_decode_cpu_seconds_total` over
+`vpt_decoded_images_total`: thread CPU time around each request's decoding, so it includes what
+load does to decoding); `frontend_ms_excl_decode` is the front ends' CPU per image minus it.
+`decode_ms_isolated` decodes the same JPEGs in this script on an idle core, for comparison.
+`loadgen_ms_per_req` is wrk's own CPU, `machine_busy` the share of all cores busy during the run
+and `machine_steal` the share the host took for other work (from /proc/stat): at `machine_busy`
+near 1 the server is CPU-bound and every figure depends on what else the machine does.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ import json
 import os
 import platform
 import re
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +60,7 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads
 CLK = os.sysconf("SC_CLK_TCK")
 
 LUA = """
-local bodies, tasks = {}, {}
+local bodies, tasks, requests = {}, {}, {}
 math.randomseed(%(seed)d)
 for i = 0, %(n_images)d - 1 do
   local f = assert(io.open(string.format("%(dir)s/img%%03d.jpg", i), "rb"))
@@ -59,9 +69,14 @@ for i = 0, %(n_images)d - 1 do
 end
 for i = 0, %(n_tasks)d - 1 do tasks[#tasks + 1] = "task" .. i end
 local headers = {["Content-Type"] = "image/jpeg"}
+-- requests are built once: formatting an ~80 KB body per request would spend the load generator's CPU,
+-- which the server shares on a small machine
+for i = 1, %(n_requests)d do
+  requests[i] = wrk.format("POST", "/predict?top_k=1&task=" .. tasks[math.random(#tasks)], headers,
+                           bodies[math.random(#bodies)])
+end
 request = function()
-  local body = bodies[math.random(#bodies)]
-  return wrk.format("POST", "/predict?top_k=1&task=" .. tasks[math.random(#tasks)], headers, body)
+  return requests[math.random(#requests)]
 end
 done = function(summary, latency, requests)
   io.write(string.format("JSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"status_errors\\": %%d, " ..
@@ -164,17 +179,32 @@ def start(args: argparse.Namespace, weights: Path, store: Path, workers: int) ->
 
 
 def wrk(args: argparse.Namespace, script: Path, seconds: float) -> dict:
+    """wrk's summary, and `loadgen_cpu_s`: the CPU seconds wrk itself spent (it shares the machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{max(1, round(seconds))}s",
                           "--timeout", "60s", "-s", str(script), f"http://127.0.0.1:{args.port}"],
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("JSON "))[5:])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = json.loads(next(line for line in out.splitlines() if line.startswith("JSON "))[5:])
+    res["loadgen_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return res
 
 
-def mean_batch(port: int) -> float:
+def scrape(port: int) -> dict[str, float]:
+    """The counters this bench reads from `/metrics` (summed over label sets)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    s = re.search(r"^vpt_batch_images_sum (\S+)", text, re.MULTILINE)
-    c = re.search(r"^vpt_batch_images_count (\S+)", text, re.MULTILINE)
-    return round(float(s.group(1)) / float(c.group(1)), 2) if s and c and float(c.group(1)) else 0.0
+    out: dict[str, float] = {}
+    for name in ("vpt_batch_images_sum", "vpt_batch_images_count", "vpt_decode_cpu_seconds_total",
+                 "vpt_decoded_images_total"):
+        out[name] = sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)", text, re.MULTILINE))
+    return out
+
+
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, steal, total) jiffies of the whole machine so far, from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, steal = v[3] + v[4], v[7] if len(v) > 7 else 0
+    return sum(v[:8]) - idle - steal, steal, sum(v[:8])
 
 
 def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Path, workers: int) -> dict:
@@ -182,10 +212,9 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     try:
         wrk(args, script, args.warmup)
         procs = roles(proc.pid)
-        before = cpu_by_role(procs)
+        before, counts0, mach0 = cpu_by_role(procs), scrape(args.port), machine_cpu()
         res = wrk(args, script, args.seconds)
-        after = cpu_by_role(procs)
-        res["mean_batch"] = mean_batch(args.port)
+        after, mach1, counts1 = cpu_by_role(procs), machine_cpu(), scrape(args.port)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -193,6 +222,13 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     res["img_s"] = ok / (res["duration_us"] / 1e6)
     for name, part in (("cpu_ms_per_img", 0), ("kernel_ms_per_img", 1)):
         res[name] = {r: round((after[r][part] - before[r][part]) * 1000 / max(ok, 1), 3) for r in after}
+    delta = {k: counts1[k] - counts0[k] for k in counts1}
+    res["mean_batch"] = round(delta["vpt_batch_images_sum"] / max(delta["vpt_batch_images_count"], 1), 2)
+    res["decode_ms_in_server"] = delta["vpt_decode_cpu_seconds_total"] * 1000 / max(delta["vpt_decoded_images_total"], 1)
+    res["loadgen_ms_per_req"] = round(res["loadgen_cpu_s"] * 1000 / max(res["requests"], 1), 3)
+    busy, steal, total = (b - a for a, b in zip(mach0, mach1))
+    res["machine_busy"] = round(busy / max(total, 1), 3)  # of all cores, during the measured run
+    res["machine_steal"] = round(steal / max(total, 1), 3)  # taken by the host: other machines' work
     res["exit_code"] = proc.returncode
     return res
 
@@ -210,6 +246,7 @@ def main() -> None:
     ap.add_argument("--wait-ms", type=float, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=18741)
+    ap.add_argument("--rounds", type=int, default=1, help="measure every case this many times, interleaved")
     ap.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per process (OMP_NUM_THREADS)")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -227,7 +264,6 @@ def main() -> None:
     dec = decode_ms(images, Preprocessor(bb.data_config).min_side)
     print(json.dumps({"case": "engine", "img_s": round(engine, 1), "batch": args.batch,
                       "decode_ms_per_img": round(dec, 3), "load_avg": os.getloadavg()[0], **common}), flush=True)
-    base = None
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "backbone.safetensors"
         save_file({k: v.contiguous().cpu() for k, v in bb.model.state_dict().items()}, str(weights))
@@ -236,7 +272,8 @@ def main() -> None:
         for i, b in enumerate(images):
             (imgdir / f"img{i:03d}.jpg").write_bytes(b)
         script = Path(tmp) / "predict.lua"
-        script.write_text(LUA % {"seed": 1, "n_images": len(images), "dir": imgdir, "n_tasks": args.tasks})
+        script.write_text(LUA % {"seed": 1, "n_images": len(images), "dir": imgdir, "n_tasks": args.tasks,
+                                 "n_requests": 256})
         store = Path(tmp) / "store"
         from prompt_store.factory import open_store
         from vpt.task import read_metadata
@@ -246,19 +283,46 @@ def main() -> None:
             blob = save_task_file(t, bb)
             st.put_task("default", f"task{i}", blob, read_metadata(blob))
         st.close()
-        for n in (int(w) for w in args.workers.split(",")):
-            res = server_case(args, weights, store, script, n)
-            base = res["img_s"] if n == 0 else base
-            fe = res["cpu_ms_per_img"].get("frontend", res["cpu_ms_per_img"].get("server", 0.0))
-            print(json.dumps({"case": "server", "frontend_workers": n, "img_s": round(res["img_s"], 1),
-                              "vs_n0": round(res["img_s"] / base, 3) if base else None,
-                              "vs_engine": round(res["img_s"] / engine, 3), "p50_ms": res["p50_ms"],
-                              "p99_ms": res["p99_ms"], "errors": res["status_errors"] + res["socket_errors"],
-                              "mean_batch": res["mean_batch"], "cpu_ms_per_img": res["cpu_ms_per_img"],
-                              "kernel_ms_per_img": res["kernel_ms_per_img"],
-                              "decode_ms_per_img": round(dec, 3),
-                              "frontend_ms_excl_decode": round(fe - dec, 3) if n > 0 else None,
-                              "exit_code": res["exit_code"], "load_avg": os.getloadavg()[0], **common}), flush=True)
+        workers = [int(w) for w in args.workers.split(",")]
+        rounds: list[dict[int, dict]] = []
+        for r in range(args.rounds):  # rounds interleave the cases: the machine's drift hits each alike
+            rounds.append({})
+            for n in workers:
+                res = server_case(args, weights, store, script, n)
+                rounds[-1][n] = res
+                print(json.dumps(case_line(res, n, r, rounds[-1].get(0), engine, dec, common)), flush=True)
+        print(json.dumps(summary(rounds, workers, common)), flush=True)
+
+
+def case_line(res: dict, n: int, r: int, base: dict | None, engine: float, dec: float, common: dict) -> dict:
+    """One JSON line for one server case of round `r`; `base`: the same round's N=0 case, if measured."""
+    fe = res["cpu_ms_per_img"].get("frontend", res["cpu_ms_per_img"].get("server", 0.0))
+    decode = res["decode_ms_in_server"]
+    return {"case": "server", "round": r, "frontend_workers": n, "img_s": round(res["img_s"], 1),
+            "vs_n0": round(res["img_s"] / base["img_s"], 3) if base else None,
+            "vs_engine": round(res["img_s"] / engine, 3), "p50_ms": res["p50_ms"],
+            "p99_ms": res["p99_ms"], "errors": res["status_errors"] + res["socket_errors"],
+            "mean_batch": res["mean_batch"], "cpu_ms_per_img": res["cpu_ms_per_img"],
+            "kernel_ms_per_img": res["kernel_ms_per_img"],
+            "decode_ms_per_img": round(decode, 3), "decode_ms_isolated": round(dec, 3),
+            "frontend_ms_excl_decode": round(fe - decode, 3) if n > 0 else None,
+            "loadgen_ms_per_req": res["loadgen_ms_per_req"], "machine_busy": res["machine_busy"],
+            "machine_steal": res["machine_steal"],
+            "exit_code": res["exit_code"], "load_avg": os.getloadavg()[0], **common}
+
+
+def summary(rounds: list[dict[int, dict]], workers: list[int], common: dict) -> dict:
+    """Medians over the rounds: img/s per N, the ratio to the same round's N=0, the front end's CPU."""
+    out: dict = {"case": "summary", "rounds": len(rounds)}
+    for n in workers:
+        runs = [r[n] for r in rounds]
+        out[f"n{n}_img_s"] = round(statistics.median(x["img_s"] for x in runs), 1)
+        if n and 0 in workers:
+            out[f"n{n}_vs_n0"] = round(statistics.median(r[n]["img_s"] / r[0]["img_s"] for r in rounds), 3)
+        if n:
+            out[f"n{n}_frontend_ms_excl_decode"] = round(statistics.median(
+                x["cpu_ms_per_img"]["frontend"] - x["decode_ms_in_server"] for x in runs), 3)
+    return {**out, **common}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ class Metrics:
         self.requests = Counter("vpt_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=h)
         self.latency = Histogram("vpt_http_request_seconds", "HTTP request latency", ["route", "method"],
                                  registry=h, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.decode = DecodeAccount(h)
         self.batch_size = Histogram("vpt_batch_images", "Images per forward batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.queue_depth = Gauge("vpt_queue_images", "Images waiting for a batch", registry=r)
@@ -40,7 +41,7 @@ class Metrics:
             try:
                 for state, n in self._jobs().items():
                     fam.add_metric([state], n)
-            except Exception as e:  # a store outage must not break the scrape
+            except Exception as e:  # noqa: BLE001 (a store outage must not break the scrape)
                 log.debug("job counts unavailable for /metrics: %s", e)
             yield fam
 
@@ -51,6 +52,21 @@ class Metrics:
     def render_engine(self) -> bytes:
         """Batches, queue, bank, jobs and predictions: the engine process's share of a scrape."""
         return generate_latest(self.registry)
+
+
+class DecodeAccount:
+    """CPU seconds spent decoding request images, and the images: what decoding costs per image
+    (`ImageDecoder`'s `account`)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.seconds = Counter("vpt_decode_cpu_seconds", "CPU seconds spent decoding request images",
+                               registry=registry)
+        self.images = Counter("vpt_decoded_images", "Request images decoded (or refused by the decoder)",
+                              registry=registry)
+
+    def __call__(self, cpu_seconds: float, images: int) -> None:
+        self.seconds.inc(cpu_seconds)
+        self.images.inc(images)
 
 
 def _bank_families(st: object) -> list[GaugeMetricFamily]:

@@ -151,7 +151,7 @@ class AppState:
                           queue_limit=settings.queue_limit, metrics=metrics, gate=gate, pin_memory=settings.pin_memory,
                           cuda_graphs=settings.cuda_graphs)
         decoder = ImageDecoder(settings.max_image_pixels, batcher.preprocess.min_side, threads=settings.decode_threads,
-                               inline_bytes=settings.inline_decode_bytes(frontend=False))
+                               inline_bytes=settings.inline_decode_bytes(frontend=False), account=metrics.decode)
         uploads = settings.uploads_dir.resolve()
         uploads.mkdir(parents=True, exist_ok=True)
         jobs = JobService(store, queue, uploads, work_dir(settings), settings.max_active_jobs_per_tenant,

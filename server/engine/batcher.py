@@ -205,13 +205,13 @@ class Batcher:
         t0 = time.perf_counter()
         images = self._inputs([batch[i].images for i in ok])                                            # (B, 3, H, W)
         slot = lease.slot_ids([i for i in ok for _ in range(batch[i].n)])                             # (B,)
-        p: list[Tensor] = [torch.empty(0)] * len(slot)                                                 # per sample (C,)
+        ks = [min(batch[i].top_k, len(lease.tasks[i].classes)) for i in ok for _ in range(batch[i].n)]  # per sample
+        top: list[tuple[list[float], list[int]]] = [([], [])] * len(slot)                          # per sample
         with torch.inference_mode():
             for s in range(0, images.shape[0], self.max_batch_size):  # heads grouped: no task padded to another's classes
                 for rows, logits in forward_grouped(bb, images[s:s + self.max_batch_size], lease.table, lease.slots,
                                                     slot[s:s + self.max_batch_size], self.features):   # (n, C)
-                    for r, row in zip(rows, torch.softmax(logits.float(), dim=-1).cpu()):
-                        p[s + r] = row
+                    _top_k(torch.softmax(logits.float(), dim=-1), [s + r for r in rows], ks, top)
         forward_ms = (time.perf_counter() - t0) * 1000
         self.batches += 1
         if self.metrics is not None:
@@ -219,10 +219,7 @@ class Batcher:
         row, answers = 0, []
         for i in ok:
             req, task = batch[i], lease.tasks[i]
-            k = min(req.top_k, len(task.classes))
-            scores, idx = torch.stack(p[row:row + req.n]).topk(k, dim=-1)
-            results = [[TopK(task.classes[j], j, float(sc)) for sc, j in zip(srow.tolist(), irow.tolist())]
-                       for srow, irow in zip(scores, idx)]
+            results = [[TopK(task.classes[j], j, sc) for sc, j in zip(*top[b])] for b in range(row, row + req.n)]
             row += req.n
             queue_ms = (t0 - req.enqueued) * 1000
             answers.append((req, Outcome(task.key.version, results, queue_ms, forward_ms, images.shape[0]), None))
@@ -241,6 +238,19 @@ class Batcher:
             else:
                 out.append(p.to(bb.device, bb.dtype, non_blocking=True))
         return out[0] if len(out) == 1 else torch.cat(out)                                    # (B, 3, H, W)
+
+
+def _top_k(probs: Tensor, samples: list[int], ks: list[int], out: list) -> None:
+    """`out[samples[j]]` = (scores, indices) of row j of `probs` (n, C), its `ks[samples[j]]` best: one
+    topk and one read to the host per distinct k (rows are independent: the same as one topk per row)."""
+    by_k: dict[int, list[int]] = {}
+    for j, b in enumerate(samples):
+        by_k.setdefault(ks[b], []).append(j)
+    for k, js in by_k.items():
+        part = probs if len(js) == len(samples) else probs[torch.tensor(js, device=probs.device)]   # (m, C)
+        scores, idx = part.topk(k, dim=-1)                                                        # (m, k)
+        for j, sc, ix in zip(js, scores.tolist(), idx.tolist()):
+            out[samples[j]] = (sc, ix)
 
 
 def _settle(answers: list[tuple[_Request, Outcome | None, BaseException | None]]) -> None:

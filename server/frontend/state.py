@@ -23,6 +23,7 @@ from server.frontend.auth import KeyRing, load_keyring
 from server.frontend.engine_client import EngineClient
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService
+from server.metrics import DecodeAccount
 from server.settings import Settings
 from server.state import count_unservable, open_job_queue, work_dir
 
@@ -55,14 +56,15 @@ class FrontMetrics:
                                 registry=None)
         self.latency = Histogram("vpt_http_request_seconds", "HTTP request latency", ["route", "method"],
                                  registry=None, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.decode = DecodeAccount(None)
 
     def render_http(self) -> bytes:
         registry = CollectorRegistry()
         if self.directory:
             multiprocess.MultiProcessCollector(registry, path=self.directory)
         else:  # not started by the supervisor: only this process
-            registry.register(self.requests)
-            registry.register(self.latency)
+            for metric in (self.requests, self.latency, self.decode.seconds, self.decode.images):
+                registry.register(metric)
         return generate_latest(registry)
 
 
@@ -94,7 +96,8 @@ class FrontendState:
         self.backbone = BackboneInfo(hello["backbone"])
         self.decoder = ImageDecoder(self.settings.max_image_pixels, int(hello["min_side"]),
                                     threads=self.settings.decode_threads,
-                                    inline_bytes=self.settings.inline_decode_bytes(frontend=True))
+                                    inline_bytes=self.settings.inline_decode_bytes(frontend=True),
+                                    account=self.metrics.decode)
 
     async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:
         return await self.client.predict(tenant, task, images, top_k)

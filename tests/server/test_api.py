@@ -88,6 +88,8 @@ def test_concurrent_mixed_predictions_get_their_own_labels(api: httpx.Client, bb
     assert all(label == tasks[name][1] for name, label in results)
     metrics = api.get("/metrics").text
     assert "vpt_batch_images_count" in metrics and 'vpt_predictions_total{task="mix0",tenant="default"}' in metrics
+    decoded = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("vpt_decoded_images_total"))
+    assert decoded >= len(names)  # the single process counts its decoding too (earlier tests' images included)
 
 
 @pytest.mark.parametrize("case", ["corrupt", "empty", "text", "wrong_type", "no_image_field", "bad_topk",

@@ -60,6 +60,8 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
     assert counter(text, 'vpt_http_requests_total{method="POST",route="/predict",status="200"}') == 12
     assert counter(text, "vpt_batch_images_count") >= 1  # the engine's own metrics come along
     assert text.count("# TYPE vpt_http_requests_total") == 1
+    assert counter(text, "vpt_decoded_images_total") == 13  # the 404 too: it was decoded before the engine looked
+    assert counter(text, "vpt_decode_cpu_seconds_total") > 0
 
     victim = kids["frontend"][0]
     os.kill(victim, signal.SIGKILL)

@@ -72,3 +72,35 @@ def test_small_requests_decode_inline_and_large_ones_in_the_pool() -> None:
     assert where[:3] == [main, main, main]  # one request of one image, then one of two
     assert {w for w in where[3:23]} == {where[3]} and where[3].startswith("decode")
     assert where[23].startswith("decode")
+
+
+def test_decoding_cpu_is_accounted_per_request_in_the_thread_that_decodes() -> None:
+    photo = _jpeg(Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)))
+    buf = io.BytesIO()
+    Image.new("RGB", (1500, 1000), (9, 9, 9)).save(buf, "PNG")
+    flat = buf.getvalue()
+    heard: list[tuple[float, int, str]] = []
+
+    def account(seconds: float, images: int) -> None:
+        heard.append((seconds, images, threading.current_thread().name))
+
+    async def go(dec: ImageDecoder) -> None:
+        await dec.decode([(photo, "a")])
+        await dec.decode([(photo, "a")] * 3)
+        await dec.decode([(flat, "flat")])
+        with pytest.raises(ApiError):
+            await dec.decode([(photo, "good"), (b"junk", "bad")])
+
+    pooled = ImageDecoder(10**7, threads=1, inline_bytes=len(photo) * 2, account=account)
+    plain = ImageDecoder(10**7, threads=0, account=account)
+    try:
+        asyncio.run(go(pooled))
+        asyncio.run(go(plain))
+    finally:
+        pooled.close()
+    main = threading.current_thread().name
+    # pooled: inline, the pool (beyond inline_bytes), the flat PNG's headers inline then its pixels in the
+    # pool, a failed request (counted: decoding it cost CPU); then the same four requests without a pool
+    assert [(n, t == main) for _, n, t in heard] == [(1, True), (3, False), (0, True), (1, False), (2, True),
+                                                     (1, True), (3, True), (1, True), (2, True)]
+    assert all(s >= 0 for s, _, _ in heard) and heard[1][0] > 0 and heard[6][0] > 0
