@@ -68,9 +68,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.frontend.app import create_app
+    from server.frontend.fasthttp import protocol_for
     from server.state import exit_code_after_close
 
-    config = uvicorn.Config(create_app(settings, state=state), log_level=settings.log_level,
+    app = create_app(settings, state=state)
+    config = uvicorn.Config(app, log_level=settings.log_level, http=protocol_for(app),
                             timeout_graceful_shutdown=10, limit_concurrency=settings.max_connections,
                             access_log=False)  # the app logs each request once, with its id (vpt.access)
     for signum in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled on its

@@ -44,6 +44,12 @@ def new_request_id() -> str:
     return f"{_RID_PREFIX}{next(_RID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
+def request_id(headers: dict[bytes, bytes]) -> str:
+    """The caller's `X-Request-ID` when it is a plain token of at most 64 characters, else a new one."""
+    rid = headers.get(b"x-request-id", b"").decode("latin-1")
+    return rid if rid and _RID.match(rid) else new_request_id()
+
+
 def head_as_get(scope: Scope, receive: Callable, send: Callable) -> tuple[Scope, Callable, Callable]:
     """HEAD on any GET route: the app runs the GET (on a copy of the scope); its status and headers go
     out, its body does not. A streamed body ends at once: the app then reads a disconnect."""
@@ -99,6 +105,7 @@ class RequestContext:
         self.app, self.settings, self.fastapi_app = app, settings, fastapi_app
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}  # labelled metrics, per state
         self.fast = FastPredict(fastapi_app)
+        fastapi_app.state.request_context = self  # the HTTP protocol's own fast path shares limits and metrics
 
     def limit_for(self, path: str) -> int:
         s = self.settings
@@ -116,8 +123,7 @@ class RequestContext:
             return
         method = scope.get("method", "")
         headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = rid if rid and _RID.match(rid) else new_request_id()
+        rid = request_id(headers)
         scope.setdefault("state", {})["request_id"] = rid
         limit = self.limit_for(scope["path"])
         status = {"code": 500}
@@ -140,7 +146,7 @@ class RequestContext:
         try:
             await self._dispatch(inner, receive, send_with_id, declared, limit, rid, self.fast.accepts(inner, headers))
         finally:
-            self._observe(inner, method, status["code"], time.perf_counter() - t0, rid)
+            self.observe(inner, method, status["code"], time.perf_counter() - t0, rid)
 
     async def _dispatch(self, scope: Scope, receive: Callable, send: Callable, declared: int, limit: int,
                         rid: str, fast: tuple[str, int] | None) -> None:
@@ -167,16 +173,22 @@ class RequestContext:
                 await self.app(scope, counted_receive, send)
 
     async def _reject(self, send: Callable, rid: str, limit: int, path: str) -> None:
+        status, headers, body = self.too_large(rid, limit, path)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def too_large(rid: str, limit: int, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The 413 for a declared body beyond the route's limit: status, headers, body (the connection closes)."""
         message = f"the request body exceeds {limit} bytes"
         error = oip_error_body(message) if is_oip_path(path) else {
             "error": {"code": "payload_too_large", "message": message, "request_id": rid}}
         body = json.dumps(error).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        return 413, [(b"content-type", b"application/json"), (b"connection", b"close"),
+                     (b"content-length", str(len(body)).encode())], body
 
-    def _observe(self, scope: Scope, method: str, status: int, seconds: float, rid: str) -> None:
+    def observe(self, scope: Scope, method: str, status: int, seconds: float, rid: str) -> None:
+        """The access log line and request metrics of one answered request."""
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         access.info("%s %s %d %.1fms rid=%s", method, scope["path"], status, seconds * 1000, rid)

@@ -17,6 +17,7 @@ from urllib.parse import unquote_plus
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from prompt_store.ids import validate_id
@@ -64,6 +65,11 @@ class FastPredict:
         return plain_query(scope.get("query_string", b""))
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable, params: tuple[str, int]) -> None:
+        response = await self.respond(scope, receive, params)
+        await response(scope, receive, send)
+
+    async def respond(self, scope: dict[str, Any], receive: Callable, params: tuple[str, int]) -> Response:
+        """The request's response, errors included (server/frontend/fasthttp.py writes it without ASGI)."""
         scope["app"], scope["route"] = self.app, self.route  # as routing would set them (metrics read `route`)
         request = Request(scope, receive)
         task, top_k = params
@@ -80,4 +86,4 @@ class FastPredict:
         except Exception as e:  # noqa: BLE001 (translate logs what is a bug and answers 500)
             better = await better_error(request, e)  # as the route's TaskRoute: "did you mean", task_training
             response = error_response(translate(better or e), scope["state"].get("request_id"), PATH)
-        await response(scope, receive, send)
+        return response

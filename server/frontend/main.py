@@ -20,14 +20,16 @@ def main() -> int:
 
     from server.cli import _settings_from_env, _setup_logging
     from server.frontend.app import create_app
+    from server.frontend.fasthttp import protocol_for
     from server.frontend.state import FrontendState
 
     settings = _settings_from_env()
     _setup_logging(settings.log_level)
     sock = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
     state = FrontendState.from_env(settings)
-    config = uvicorn.Config(create_app(settings, frontend=state), log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=10)
+    app = create_app(settings, frontend=state)
+    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=10,
+                            http=protocol_for(app))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

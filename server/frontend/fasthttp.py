@@ -1,0 +1,191 @@
+"""The plain `POST /predict` served from the HTTP protocol itself, without an ASGI request cycle.
+
+uvicorn's httptools protocol turns every request into an ASGI cycle: a scope, `receive` and `send`
+coroutines, one message per body chunk and two per response, then the app's middleware stack. For
+the busiest request of a front end (one raw image, `?task=...&top_k=...`) that costs about as much
+CPU as everything the request itself does besides decoding. `FastHttpProtocol` is uvicorn's
+protocol with one change: when a request's head shows exactly that request, it reads the body
+itself (with the same size limits and timeouts as `RequestContext`), runs the same code as the route
+(`FastPredict.respond`: auth, checks, decoding, the engine, error translation), and writes the
+status line, headers and body in one write. Request ids, the access log and request metrics are
+`RequestContext`'s own. Every other request, and any request this path is unsure of (proxy headers,
+`Expect: 100-continue`, HTTP/1.0, a pipelined request behind another, a root path, the concurrency
+limit reached, the app not started), takes uvicorn's ordinary path unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httptools
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from server.errors import error_response, http_error
+from server.frontend.app import request_id
+from server.frontend.fastpath import PATH
+
+log = logging.getLogger(__name__)
+_PROXY_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto")
+
+
+class _Gone(Exception):
+    """The client closed the connection before its body was in."""
+
+
+class _Cycle:
+    """What uvicorn's protocol reads and writes of the request in flight (body, events, completion)."""
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.body = bytearray()
+        self.more_body = True
+        self.message_event = asyncio.Event()
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = keep_alive
+
+
+class FastHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol; the plain `/predict` request skips the ASGI cycle (module docstring)."""
+
+    fast_app: FastAPI | None = None  # set by `protocol_for`
+
+    def on_headers_complete(self) -> None:
+        params = self._plain_predict()
+        if params is None:
+            super().on_headers_complete()
+            return
+        self.cycle = cycle = _Cycle(self.parser.should_keep_alive())  # type: ignore[assignment]
+        # this request's scope now: a pipelined request's head may be parsed before the task runs
+        task = self.loop.create_task(self._serve(cycle, self.scope, params))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # a graceful shutdown waits for it
+
+    def _plain_predict(self) -> tuple[Any, tuple[str, int]] | None:
+        """(the request context, (task, top_k)) when this request can take the fast path, else None."""
+        app = self.fast_app
+        context = getattr(app.state, "request_context", None) if app is not None else None
+        if context is None or getattr(app.state, "vpt", None) is None or self.root_path \
+                or self.expect_100_continue or self.parser.get_method() != b"POST" \
+                or self.parser.get_http_version() != "1.1" or self.parser.should_upgrade():
+            return None
+        if self.cycle is not None and not self.cycle.response_complete:  # pipelined behind another
+            return None
+        if self.limit_concurrency is not None and (len(self.connections) >= self.limit_concurrency
+                                                   or len(self.tasks) >= self.limit_concurrency):
+            return None
+        url = httptools.parse_url(self.url)
+        if url.path != PATH.encode():
+            return None
+        headers = dict(self.headers)
+        if any(h in headers for h in _PROXY_HEADERS):  # the client address is the proxy's to say
+            return None
+        self.scope.update(method="POST", path=PATH, raw_path=url.path, query_string=url.query or b"")
+        params = context.fast.accepts(self.scope, headers)
+        return None if params is None else (context, params)
+
+    async def _serve(self, cycle: _Cycle, scope: dict[str, Any], plan: tuple[Any, tuple[str, int]]) -> None:
+        context, params = plan
+        t0, status = time.perf_counter(), 500
+        headers = dict(scope["headers"])
+        rid = request_id(headers)
+        scope["state"]["request_id"] = rid
+        scope["app"], scope["route"] = context.fast.app, context.fast.route  # metrics count it under the route
+        try:
+            limit = context.limit_for(PATH)
+            try:
+                declared = int(headers.get(b"content-length", b"0") or 0)
+            except ValueError:
+                declared = 0
+            if declared > limit:
+                status, head, body = context.too_large(rid, limit, PATH)
+                self._write(cycle, status, head, body, rid)
+                return
+            try:
+                data = await self._body(cycle, limit, context.settings)
+            except _Gone:
+                status = 400  # nobody to answer; counted as the ordinary path counts a client gone mid-body
+                return
+            except StarletteHTTPException as e:  # 408: too slow; 413: beyond the limit
+                cycle.keep_alive = False  # the rest of the body is unread
+                response = error_response(http_error(e), rid, PATH)
+            else:
+                response = await context.fast.respond(scope, _whole(data), params)
+            status = response.status_code
+            self._write(cycle, status, response.raw_headers, response.body, rid)
+        except Exception:  # a bug: answer 500 as uvicorn would, never leave the client hanging
+            log.exception("the fast /predict path failed")
+            if not cycle.response_complete:
+                cycle.keep_alive = False
+                self._write(cycle, 500, [(b"content-type", b"text/plain; charset=utf-8"),
+                                         (b"content-length", b"21")], b"Internal Server Error", rid)
+        finally:
+            if not cycle.response_complete:  # the client left: the connection is done
+                cycle.response_complete = True
+                cycle.message_event.set()
+                self.transport.close()
+            context.observe(scope, "POST", status, time.perf_counter() - t0, rid)
+
+    async def _body(self, cycle: _Cycle, limit: int, settings: Any) -> bytes:
+        """The whole body, 413 past `limit`, 408 when it stalls or takes too long (as `RequestContext`)."""
+        deadline = time.monotonic() + settings.body_timeout_s
+        while cycle.more_body and not cycle.disconnected:
+            if len(cycle.body) > limit:
+                raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
+            self.flow.resume_reading()  # the protocol pauses reading past 64 KiB held
+            wait = min(settings.body_idle_timeout_s, deadline - time.monotonic())
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    await cycle.message_event.wait()
+            except TimeoutError:
+                raise StarletteHTTPException(408, "the request body arrived too slowly") from None
+            cycle.message_event.clear()
+        if cycle.disconnected:
+            raise _Gone
+        if len(cycle.body) > limit:
+            raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
+        data, cycle.body = bytes(cycle.body), bytearray()
+        return data
+
+    def _write(self, cycle: _Cycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes, rid: str) -> None:
+        """Status line, headers and body in one write; then the cycle is complete (as uvicorn's `send`)."""
+        out = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *headers, (b"x-request-id", rid.encode())):
+            if name == b"connection" and b"close" in value.lower():
+                cycle.keep_alive = False
+            out += [name, b": ", value, b"\r\n"]
+        if not cycle.keep_alive and not any(name == b"connection" for name, _ in headers):
+            out.append(b"connection: close\r\n")
+        out += [b"\r\n", body]
+        if not cycle.disconnected:
+            self.transport.write(b"".join(out))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+
+def _whole(data: bytes):
+    """An ASGI `receive` that hands over the whole body once, then reports the client gone."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    return receive
+
+
+def protocol_for(app: FastAPI) -> type[HttpToolsProtocol]:
+    """uvicorn's `http` setting for `app`: its httptools protocol with the plain `/predict` fast path."""
+    return type("FastHttpProtocol", (FastHttpProtocol,), {"fast_app": app})
+
+
+__all__ = ["FastHttpProtocol", "protocol_for"]
