@@ -128,6 +128,7 @@ def test_a_body_larger_than_the_read_buffer_and_pipelined_requests(served) -> No
 
 def test_limits_timeouts_and_a_client_gone_mid_body(served) -> None:
     url, taken = served
+    before = len(taken)
     with _raw(url) as s:  # declared beyond the route's limit: 413 at once, connection closed
         s.sendall(_head("t", MAX_IMAGE_BYTES + (2 << 20)))
         (answer,) = _answers(s, 1)
@@ -149,6 +150,7 @@ def test_limits_timeouts_and_a_client_gone_mid_body(served) -> None:
         time.sleep(0.2)
     r = httpx.post(url + "/predict?task=t", content=png(1), headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 200
+    assert len(taken) - before == 5  # all of them on the protocol's path
     metrics = httpx.get(url + "/metrics", timeout=60).text
     assert 'vpt_http_requests_total{method="POST",route="/predict",status="408"}' in metrics
 
