@@ -5,6 +5,7 @@ hops per request that cost more CPU than the work itself (they never block).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Annotated
 
@@ -34,6 +35,7 @@ def presented_key(request: Request) -> str | None:
     return key.strip() if key else None
 
 
+@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the rest of a keyless request's auth
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False
