@@ -16,9 +16,9 @@ from vpt.backbone import Backbone, load_backbone
 from vpt.data import DatasetError, ImageDataset, ingest_archive, split_dataset
 from vpt.engine import forward_logits, stack_slots, task_slot_tensors
 from vpt.pipeline import train_task_from_archive
+from vpt.preprocess import ImageTransform
 from vpt.task import load_task_file
 from vpt.train import ProgressEvent, TrainingCancelled, TrainOptions
-from vpt.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +44,21 @@ def feature_backbone(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
     return load_backbone(TINY_NAME, weights=path, model_kwargs=TINY_KWARGS)
 
 
-def server_path_accuracy(bb: Backbone, blob: bytes, zip_path: Path, dest: Path) -> float:
-    """Reload the task file and score every val image through the bank tensors, as serving does."""
+def server_path_accuracy(bb: Backbone, blob: bytes, zip_path: Path, dest: Path) -> tuple[float, int]:
+    """Reload the task file and score every val image through the bank tensors and the server's
+    preprocessing, as serving does: (accuracy, val images)."""
     task = load_task_file(blob, bb)
     ds = ingest_archive(zip_path, dest)
     meta = json.loads(task.metadata["dataset"])
     assert meta["split"]["source"] == "stratified"
     table = stack_slots(bb, [task_slot_tensors(bb, task.params)])
     _, val = split_dataset(ds, 0.1, seed=0)
-    data = ImageDataset(val, eval_transform(bb.data_config))
+    data = ImageDataset(val, ImageTransform(bb.data_config))
     images = torch.stack([data[i][0] for i in range(len(data))])                    # (N, 3, 32, 32)
     labels = torch.tensor([label for _, label in val])
     with torch.inference_mode():
         preds = forward_logits(bb, images, table, torch.zeros(len(val), dtype=torch.long)).argmax(1)
-    return float((preds == labels).float().mean())
+    return float((preds == labels).float().mean()), len(val)
 
 
 @pytest.mark.parametrize("method", ["linear", "vpt-shallow", "vpt-deep"])
@@ -75,8 +76,10 @@ def test_digits_learn_well_above_chance(method: str, feature_backbone: Backbone,
     assert losses[-1] < losses[0] / 2
     assert m["val_accuracy"] >= 0.3
     assert m["val_accuracy"] == max(accs) == accs[m["best_epoch"] - 1]
-    assert server_path_accuracy(feature_backbone, result.task_file, digits_zip, tmp_path / "again") == \
-        pytest.approx(m["val_accuracy"])
+    # the served forward (packed bank tensors) and training's differ by float rounding only, so an image
+    # on the decision boundary may go either way: the two agree within one image
+    served, n_val = server_path_accuracy(feature_backbone, result.task_file, digits_zip, tmp_path / "again")
+    assert abs(served - m["val_accuracy"]) <= 1 / n_val + 1e-9
     assert not (tmp_path / "work" / "dataset").exists()
 
 

@@ -1,4 +1,5 @@
-"""The batched tensor eval transform against timm's own PIL transform, on real photos and digits."""
+"""The batched tensor eval transform against timm's own PIL transform, on real photos and digits; its
+banded weight matrices against F.interpolate (antialiased) then the crop; the bounds of their cache."""
 from __future__ import annotations
 
 import io
@@ -6,12 +7,14 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+import vpt.preprocess as pp
 from server.frontend.images import ImageDecoder
 from tests.fixtures.digits import digit_images
-from vpt.preprocess import ImageTransform, Preprocessor, to_uint8_hwc
+from vpt.preprocess import ImageTransform, PlanCache, Preprocessor, resize_matrix, to_uint8_hwc
 from vpt.transforms import eval_transform
 
 MEAN_TOL = 0.5   # mean |difference| in 0-255 pixel units (documented in vpt/preprocess.py)
@@ -88,3 +91,106 @@ def test_per_image_transform_is_the_batch_arithmetic() -> None:
     cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.9}
     image = photos()[2]
     assert torch.equal(ImageTransform(cfg)(image), Preprocessor(cfg)([to_uint8_hwc(image)])[0])
+
+
+def random_photo_crops(n: int, seed: int) -> list[torch.Tensor]:
+    """Random crops of the sample photos at random sizes (7..427 px a side); every fourth one then
+    resized (PIL) to 5..30 px, which every config here upscales."""
+    rng, sources = np.random.default_rng(seed), photos()[:2]
+    out = []
+    for i in range(n):
+        photo = sources[i % 2]
+        h, w = (int(v) for v in rng.integers(7, 428, 2))
+        top, left = int(rng.integers(0, 428 - h)), int(rng.integers(0, 641 - w))
+        im = photo.crop((left, top, left + w, top + h))
+        if i % 4 == 0:
+            im = im.resize(tuple(int(v) for v in rng.integers(5, 31, 2)), Image.BILINEAR)
+        out.append(to_uint8_hwc(im))
+    return out
+
+
+def interpolate_then_crop(pre: Preprocessor, img: torch.Tensor) -> torch.Tensor:
+    """The reference: F.interpolate (antialiased for bilinear/bicubic) to the resized size, then the
+    crop at the geometry's (top, left), zeros where it falls outside; unrounded 0..255 floats."""
+    g = pre.geometry(*img.shape[:2])
+    aa = {"antialias": True, "align_corners": False} if pre.mode in ("bilinear", "bicubic") else {}
+    x = F.interpolate(img.permute(2, 0, 1)[None].float(), size=(g.rh, g.rw), mode=pre.mode, **aa)[0]
+    out = torch.zeros(3, pre.height, pre.width)
+    y0, y1, x0, x1 = max(g.top, 0), min(g.top + pre.height, g.rh), max(g.left, 0), min(g.left + pre.width, g.rw)
+    out[:, y0 - g.top:y1 - g.top, x0 - g.left:x1 - g.left] = x[:, y0:y1, x0:x1]
+    return out                                                                    # (3, H, W)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("crop_pct,crop_mode,size", [(0.875, "center", 32), (0.9, "center", 224),
+                                                     (1.15, "center", 64), (0.9, "squash", 48),
+                                                     (0.875, "center", (160, 224)), (1.3, "center", (99, 70))])
+def test_weight_matrices_equal_interpolate_then_crop(interpolation: str, crop_pct: float, crop_mode: str,
+                                                     size: int | tuple[int, int]) -> None:
+    hw = size if isinstance(size, tuple) else (size, size)
+    cfg = {"input_size": (3, *hw), "interpolation": interpolation, "crop_pct": crop_pct, "crop_mode": crop_mode}
+    pre = Preprocessor(cfg)
+    images = random_photo_crops(12, seed=hw[0] + int(100 * crop_pct))
+    assert {pre.geometry(*im.shape[:2]).rw > im.shape[1] for im in images} == {True, False}  # up and down
+    ref = torch.stack([interpolate_then_crop(pre, im) for im in images])          # (n, 3, H, W)
+    got = pre.resize_crop(images)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-3                                 # float32, before rounding
+    d = (got.clamp(0, 255).round() - ref.clamp(0, 255).round()).abs()
+    off = d > 0  # only near-ties may round the other way: a handful of pixels, by exactly 1
+    assert d.max().item() <= 1 and off.sum().item() <= 1e-3 * d.numel(), off.sum().item()
+    assert ((ref[off] - ref[off].floor() - 0.5).abs() <= 1e-3).all()
+    out = pre(images)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert torch.equal(out, pp.normalise(got.clamp(0, 255).round(), pre.mean, pre.std))
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_weights_are_torchs_antialiased_weights(mode: str) -> None:
+    for n_in, n_out in [(19, 15), (100, 37), (37, 100), (255, 224), (801, 248), (7, 7), (1, 5)]:
+        eye = torch.eye(n_in)[None, None]                                           # resize the rows only
+        ref = F.interpolate(eye, size=(n_out, n_in), mode=mode, antialias=True, align_corners=False)[0, 0]
+        assert torch.allclose(resize_matrix(n_in, n_out, mode), ref, rtol=0, atol=1e-6), (n_in, n_out)
+
+
+def test_plan_cache_is_a_bounded_lru(monkeypatch: pytest.MonkeyPatch) -> None:
+    def build() -> pp.AxisPlan:
+        return pp._build_plan(16, 8, 0, 8, "bilinear", torch.device("cpu"))
+
+    cache = PlanCache(max_entries=4, max_bytes=10**9)
+    for n in range(10, 20):
+        cache.get((n,), build)
+        cache.get((10,), lambda: pytest.fail("the most recently used entry was evicted"))
+    assert len(cache) == 4
+    small = PlanCache(max_entries=100, max_bytes=3 * build().nbytes)
+    for n in range(10, 20):
+        small.get((n,), build)
+    assert len(small) == 3 and small.nbytes == 3 * build().nbytes
+    # the serving path under a small cache: bounded, and still right after evictions
+    monkeypatch.setattr(pp, "PLAN_CACHE", PlanCache(max_entries=16, max_bytes=1 << 20))
+    pre = Preprocessor({"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.9})
+    images = random_photo_crops(30, seed=1)
+    for _ in range(2):
+        got = pre.resize_crop(images)
+        assert len(pp.PLAN_CACHE) <= 16 and pp.PLAN_CACHE.nbytes <= 1 << 20
+    ref = torch.stack([interpolate_then_crop(pre, im) for im in images])
+    assert (got - ref).abs().max().item() <= 1e-3
+
+
+def test_chunked_float_conversion_gives_the_same_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    pre = Preprocessor({"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.9})
+    images = random_photo_crops(10, seed=3)
+    whole = pre(images)
+    monkeypatch.setattr(pp, "CHUNK", 20_000)  # several images a chunk, and images larger than one
+    slabs = [py.span * px.span * 3 for py, px in (pre.plans(*im.shape[:2]) for im in images)]
+    assert max(slabs) > pp.CHUNK > 2 * min(slabs)
+    assert torch.equal(pre(images), whole)
+
+
+def test_nearest_keeps_the_interpolate_path_and_empty_batches_work() -> None:
+    pre = Preprocessor({"input_size": (3, 32, 32), "interpolation": "nearest", "crop_pct": 0.9})
+    images = random_photo_crops(4, seed=2)
+    for im, got in zip(images, pre.resize_crop(images)):
+        assert torch.equal(got, interpolate_then_crop(pre, im))
+    for mode in ("nearest", "bicubic"):
+        assert Preprocessor({"input_size": (3, 32, 32), "interpolation": mode})([]).shape == (0, 3, 32, 32)
