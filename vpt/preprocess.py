@@ -152,9 +152,7 @@ class Preprocessor:
         else:  # timm's ResizeKeepRatio: the smaller ratio wins
             ratio = min(h / sh, w / sw)
             rh, rw = round(h / ratio), round(w / ratio)
-        top = round((rh - self.height) / 2.0)
-        left = round((rw - self.width) / 2.0)
-        return rh, rw, top, left
+        return rh, rw, _crop_offset(rh, self.height), _crop_offset(rw, self.width)
 
     def __call__(self, images: Sequence[Tensor], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, pin: bool = False) -> Tensor:
@@ -399,6 +397,12 @@ def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255.0
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255.0
     return (x - m) / s
+
+
+def _crop_offset(resized: int, crop: int) -> int:
+    """Where torchvision's CenterCrop starts along one axis: rounded half the excess, or, when the image
+    is shorter than the crop, minus the padding it puts before it (half the shortfall, rounded down)."""
+    return round((resized - crop) / 2.0) if resized >= crop else -((crop - resized) // 2)
 
 
 def _crop(x: Tensor, g: EvalGeometry, height: int, width: int) -> Tensor:

@@ -36,7 +36,8 @@ def pixel_diff(ref: torch.Tensor, got: torch.Tensor, std: tuple[float, ...]) -> 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("crop_pct,crop_mode,size", [(0.875, "center", 224), (0.9, "center", 224),
                                                      (1.0, "center", 224), (0.9, "squash", 224),
-                                                     (0.95, "center", 32), (0.875, "center", (160, 224))])
+                                                     (0.95, "center", 32), (0.875, "center", (160, 224)),
+                                                     (1.15, "center", 64), (1.3, "center", 99)])  # crops that pad
 def test_matches_timms_eval_transform_on_photos(interpolation: str, crop_pct: float, crop_mode: str,
                                                 size: int | tuple[int, int]) -> None:
     hw = size if isinstance(size, tuple) else (size, size)
