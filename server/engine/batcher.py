@@ -1,9 +1,11 @@
 """Cross-task dynamic batching: requests of any tasks share one forward.
 
 A bounded queue (counted in images) feeds one thread that forms a batch of up to
-`max_batch_size` images or waits at most `max_wait_ms` after the first, pins the batch's tasks in
-the bank, runs the forward, and answers each request with its own task's top-k. A request whose
-task cannot be served fails alone; a request whose client went away is skipped.
+`max_batch_size` images, pins the batch's tasks in the bank, runs the forward, and answers each
+request with its own task's top-k. What queued during a forward forms the next batch at once (the
+engine never idles while work waits); an idle engine woken by a request waits at most `max_wait_ms`
+for more, so a burst shares one forward. A request whose task cannot be served fails alone; a
+request whose client went away is skipped.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class _Request:
     top_k: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    during_forward: bool = False  # queued while the engine was busy with a batch: the next one takes it at once
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -82,6 +85,7 @@ class Batcher:
         self._queued_images = 0
         self._count_lock = threading.Lock()
         self._stop = threading.Event()
+        self._busy = False  # a batch is between collection and its answers (read by `predict`, any thread)
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self.batches = 0
 
@@ -111,7 +115,7 @@ class Batcher:
                 raise busy(f"the prediction queue is full ({self._queued_images} images waiting)")
             self._queued_images += n
         loop = asyncio.get_running_loop()
-        req = _Request(tenant, task_id, images, top_k, loop.create_future(), loop)
+        req = _Request(tenant, task_id, images, top_k, loop.create_future(), loop, self._busy)
         self.bank.prefetch(tenant, task_id)  # a miss loads while the batch forms
         self._q.put(req)
         if self.metrics is not None:
@@ -124,29 +128,26 @@ class Batcher:
         if self._carry:
             return self._carry.popleft()
         try:
-            return self._q.get(timeout=timeout)
+            return self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
         except queue.Empty:
             return None
 
     def _collect(self) -> list[_Request]:
-        """The next batch: what is already queued, then what arrives before the deadline, up to the size."""
+        """The next batch, up to the size. A batch whose first request queued during the previous batch
+        goes at once with what else is queued: the engine never idles while work waits, and the
+        forward's own time gathers the next batch. A request that found the engine idle waits up to
+        `max_wait_ms` for company, so a burst shares one forward."""
         first = self._next(0.1)
         if first is None:
             return []
         batch, n = [first], first.n
-        deadline = time.perf_counter() + self.max_wait_s
+        deadline = time.perf_counter() + self.max_wait_s if not first.during_forward else 0.0
         while n < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            try:
-                if self._carry:
-                    req = self._carry.popleft()
-                elif remaining > 0:
-                    req = self._q.get(timeout=remaining)
-                else:
-                    req = self._q.get_nowait()
-            except queue.Empty:
+            req = self._next(deadline - time.perf_counter())
+            if req is None:
                 break
             if n + req.n > self.max_batch_size:
+                req.during_forward = True  # it waited through this batch: the next one takes it at once
                 self._carry.appendleft(req)
                 break
             batch.append(req)
@@ -158,18 +159,26 @@ class Batcher:
             batch = self._collect()
             if not batch:
                 continue
-            with self._count_lock:
-                self._queued_images -= sum(r.n for r in batch)
-            if self.metrics is not None:
-                self.metrics.queue_depth.set(self._queued_images)
-            live = [r for r in batch if not r.future.done()]  # skip requests whose client went away
-            if live:
-                try:
-                    self._run(live)
-                except Exception as e:  # a bug in the forward fails this batch, not the server
-                    log.exception("batch failed")
-                    for r in live:
-                        self._resolve(r, exc=e)
+            self._busy = True
+            try:
+                self._serve(batch)
+            finally:
+                self._busy = False
+
+    def _serve(self, batch: list[_Request]) -> None:
+        """Run one collected batch (its live requests) and answer every request in it."""
+        with self._count_lock:
+            self._queued_images -= sum(r.n for r in batch)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queued_images)
+        live = [r for r in batch if not r.future.done()]  # skip requests whose client went away
+        if live:
+            try:
+                self._run(live)
+            except Exception as e:  # a bug in the forward fails this batch, not the server
+                log.exception("batch failed")
+                for r in live:
+                    self._resolve(r, exc=e)
 
     def _resolve(self, req: _Request, result: Outcome | None = None, exc: BaseException | None = None) -> None:
         self._deliver([(req, result, exc)])
