@@ -2,12 +2,11 @@
 
 uvicorn's httptools protocol turns every request into an ASGI cycle: a scope, `receive` and `send`
 coroutines, one message per body chunk and two per response, then the app's middleware stack. For
-the busiest request of a front end (one raw image, `?task=...&top_k=...`) that costs about as much
-CPU as everything the request itself does besides decoding. `FastHttpProtocol` is uvicorn's
-protocol with one change: when a request's head shows exactly that request, it reads the body
-itself (with the same size limits and timeouts as `RequestContext`), runs the same code as the route
-(`FastPredict.respond`: auth, checks, decoding, the engine, error translation), and writes the
-status line, headers and body in one write. Request ids, the access log and request metrics are
+the busiest request of a front end (one raw image, `?task=...&top_k=...`) that is a large share of
+its CPU besides decoding. `FastHttpProtocol` is uvicorn's protocol with one change: when a request's
+head shows exactly that request, it hands the body, as it arrives, to the same code as the route
+(`FastPredict.respond`: auth, checks, decoding, the engine, error translation) under the same size
+limits and timeouts as `RequestContext`, and writes the status line, headers and body in one write. Request ids, the access log and request metrics are
 `RequestContext`'s own. Every other request, and any request this path is unsure of (proxy headers,
 `Expect: 100-continue`, HTTP/1.0, a pipelined request behind another, a root path, the concurrency
 limit reached, the app not started), takes uvicorn's ordinary path unchanged.
@@ -17,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httptools
@@ -24,16 +24,11 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from server.errors import error_response, http_error
 from server.frontend.app import request_id
 from server.frontend.fastpath import PATH
 
 log = logging.getLogger(__name__)
 _PROXY_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto")
-
-
-class _Gone(Exception):
-    """The client closed the connection before its body was in."""
 
 
 class _Cycle:
@@ -104,17 +99,12 @@ class FastHttpProtocol(HttpToolsProtocol):
                 status, head, body = context.too_large(rid, limit, PATH)
                 self._write(cycle, status, head, body, rid)
                 return
-            try:
-                data = await self._body(cycle, limit, context.settings)
-            except _Gone:
-                status = 400  # nobody to answer; counted as the ordinary path counts a client gone mid-body
-                return
-            except StarletteHTTPException as e:  # 408: too slow; 413: beyond the limit
-                cycle.keep_alive = False  # the rest of the body is unread
-                response = error_response(http_error(e), rid, PATH)
-            else:
-                response = await context.fast.respond(scope, _whole(data), params)
+            # the body streams to the route as it arrives: it checks the caller first and refuses an image
+            # past its own limit without reading the rest, as on the ordinary path
+            response = await context.fast.respond(scope, self._receiver(cycle, limit, context.settings), params)
             status = response.status_code
+            if cycle.more_body:  # answered before the whole body came (a refusal): the rest is not read
+                cycle.keep_alive = False
             self._write(cycle, status, response.raw_headers, response.body, rid)
         except Exception:  # a bug: answer 500 as uvicorn would, never leave the client hanging
             log.exception("the fast /predict path failed")
@@ -123,32 +113,39 @@ class FastHttpProtocol(HttpToolsProtocol):
                 self._write(cycle, 500, [(b"content-type", b"text/plain; charset=utf-8"),
                                          (b"content-length", b"21")], b"Internal Server Error", rid)
         finally:
-            if not cycle.response_complete:  # the client left: the connection is done
+            if not cycle.response_complete:  # cancelled (shutdown): the connection is done
                 cycle.response_complete = True
                 cycle.message_event.set()
                 self.transport.close()
             context.observe(scope, "POST", status, time.perf_counter() - t0, rid)
 
-    async def _body(self, cycle: _Cycle, limit: int, settings: Any) -> bytes:
-        """The whole body, 413 past `limit`, 408 when it stalls or takes too long (as `RequestContext`)."""
+    def _receiver(self, cycle: _Cycle, limit: int, settings: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """An ASGI `receive` over the cycle's body: each call the bytes arrived since the last, 413 past
+        `limit`, 408 when the body stalls or takes too long, a disconnect once the client is gone (the
+        same rules as `RequestContext`'s)."""
         deadline = time.monotonic() + settings.body_timeout_s
-        while cycle.more_body and not cycle.disconnected:
-            if len(cycle.body) > limit:
+        seen = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal seen
+            while not cycle.body and cycle.more_body and not cycle.disconnected:
+                self.flow.resume_reading()  # the protocol pauses reading past 64 KiB held
+                wait = min(settings.body_idle_timeout_s, deadline - time.monotonic())
+                try:
+                    async with asyncio.timeout(max(0.0, wait)):
+                        await cycle.message_event.wait()
+                except TimeoutError:
+                    raise StarletteHTTPException(408, "the request body arrived too slowly") from None
+                cycle.message_event.clear()
+            if cycle.disconnected:
+                return {"type": "http.disconnect"}
+            chunk, cycle.body = bytes(cycle.body), bytearray()
+            seen += len(chunk)
+            if seen > limit:
                 raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
-            self.flow.resume_reading()  # the protocol pauses reading past 64 KiB held
-            wait = min(settings.body_idle_timeout_s, deadline - time.monotonic())
-            try:
-                async with asyncio.timeout(max(0.0, wait)):
-                    await cycle.message_event.wait()
-            except TimeoutError:
-                raise StarletteHTTPException(408, "the request body arrived too slowly") from None
-            cycle.message_event.clear()
-        if cycle.disconnected:
-            raise _Gone
-        if len(cycle.body) > limit:
-            raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
-        data, cycle.body = bytes(cycle.body), bytearray()
-        return data
+            return {"type": "http.request", "body": chunk, "more_body": cycle.more_body}
+
+        return receive
 
     def _write(self, cycle: _Cycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes, rid: str) -> None:
         """Status line, headers and body in one write; then the cycle is complete (as uvicorn's `send`)."""
@@ -167,20 +164,6 @@ class FastHttpProtocol(HttpToolsProtocol):
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()
-
-
-def _whole(data: bytes):
-    """An ASGI `receive` that hands over the whole body once, then reports the client gone."""
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": data, "more_body": False}
-
-    return receive
 
 
 def protocol_for(app: FastAPI) -> type[HttpToolsProtocol]:
