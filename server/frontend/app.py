@@ -98,6 +98,34 @@ async def _body_chunk(receive: Callable, deadline: float, idle_s: float) -> dict
         raise StarletteHTTPException(408, "the request body arrived too slowly") from None
 
 
+def counted(receive: Callable, limit: int, settings: Settings) -> Callable[[], Awaitable[dict]]:
+    """`receive` under a request's body rules: 413 once more than `limit` bytes came, 408 when the body
+    stalls (`body_idle_timeout_s`) or takes too long (`body_timeout_s`)."""
+    seen = {"n": 0, "done": False}
+    deadline = time.monotonic() + settings.body_timeout_s
+
+    async def counted_receive() -> dict:
+        if seen["done"]:  # the body is in: what follows is a wait for the disconnect
+            return await receive()
+        message = await _body_chunk(receive, deadline, settings.body_idle_timeout_s)
+        if message["type"] == "http.request":
+            seen["n"] += len(message.get("body", b""))
+            seen["done"] = not message.get("more_body", False)
+            if seen["n"] > limit:
+                raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
+        return message
+
+    return counted_receive
+
+
+def declared_length(headers: dict[bytes, bytes]) -> int:
+    """The request's `Content-Length` (0 when absent or not a number: the body is counted as it comes)."""
+    try:
+        return int(headers.get(b"content-length", b"0") or 0)
+    except ValueError:
+        return 0
+
+
 class RequestContext:
     """Request ids, body-size limits per route, access logs and request metrics (pure ASGI)."""
 
@@ -136,10 +164,7 @@ class RequestContext:
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
             await send(message)
 
-        try:
-            declared = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            declared = 0
+        declared = declared_length(headers)
         inner = scope
         if method == "HEAD":  # the server (uvicorn) keeps its own scope: it knows no body follows
             inner, receive, send_with_id = head_as_get(scope, receive, send_with_id)
@@ -153,20 +178,7 @@ class RequestContext:
         if declared > limit:
             await self._reject(send, rid, limit, scope["path"])
         else:
-            seen = {"n": 0, "done": False}
-            deadline = time.monotonic() + self.settings.body_timeout_s
-
-            async def counted_receive() -> dict:
-                if seen["done"]:  # the body is in: what follows is a wait for the disconnect
-                    return await receive()
-                message = await _body_chunk(receive, deadline, self.settings.body_idle_timeout_s)
-                if message["type"] == "http.request":
-                    seen["n"] += len(message.get("body", b""))
-                    seen["done"] = not message.get("more_body", False)
-                    if seen["n"] > limit:
-                        raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
-                return message
-
+            counted_receive = counted(receive, limit, self.settings)
             if fast is not None:
                 await self.fast(scope, counted_receive, send, fast)
             else:

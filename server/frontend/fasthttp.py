@@ -21,10 +21,9 @@ from typing import Any
 
 import httptools
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from server.frontend.app import request_id
+from server.frontend.app import counted, declared_length, request_id
 from server.frontend.fastpath import PATH
 
 log = logging.getLogger(__name__)
@@ -55,12 +54,12 @@ class FastHttpProtocol(HttpToolsProtocol):
             return
         self.cycle = cycle = _Cycle(self.parser.should_keep_alive())  # type: ignore[assignment]
         # this request's scope now: a pipelined request's head may be parsed before the task runs
-        task = self.loop.create_task(self._serve(cycle, self.scope, params))
+        task = self.loop.create_task(self._serve(cycle, self.scope, *params))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # a graceful shutdown waits for it
 
-    def _plain_predict(self) -> tuple[Any, tuple[str, int]] | None:
-        """(the request context, (task, top_k)) when this request can take the fast path, else None."""
+    def _plain_predict(self) -> tuple[Any, dict[bytes, bytes], tuple[str, int]] | None:
+        """(the request context, the headers, (task, top_k)) when this request can take the fast path."""
         app = self.fast_app
         context = getattr(app.state, "request_context", None) if app is not None else None
         if context is None or getattr(app.state, "vpt", None) is None or self.root_path \
@@ -80,28 +79,24 @@ class FastHttpProtocol(HttpToolsProtocol):
             return None
         self.scope.update(method="POST", path=PATH, raw_path=url.path, query_string=url.query or b"")
         params = context.fast.accepts(self.scope, headers)
-        return None if params is None else (context, params)
+        return None if params is None else (context, headers, params)
 
-    async def _serve(self, cycle: _Cycle, scope: dict[str, Any], plan: tuple[Any, tuple[str, int]]) -> None:
-        context, params = plan
+    async def _serve(self, cycle: _Cycle, scope: dict[str, Any], context: Any, headers: dict[bytes, bytes],
+                     params: tuple[str, int]) -> None:
         t0, status = time.perf_counter(), 500
-        headers = dict(scope["headers"])
         rid = request_id(headers)
         scope["state"]["request_id"] = rid
         scope["app"], scope["route"] = context.fast.app, context.fast.route  # metrics count it under the route
         try:
             limit = context.limit_for(PATH)
-            try:
-                declared = int(headers.get(b"content-length", b"0") or 0)
-            except ValueError:
-                declared = 0
-            if declared > limit:
+            if declared_length(headers) > limit:
                 status, head, body = context.too_large(rid, limit, PATH)
                 self._write(cycle, status, head, body, rid)
                 return
             # the body streams to the route as it arrives: it checks the caller first and refuses an image
             # past its own limit without reading the rest, as on the ordinary path
-            response = await context.fast.respond(scope, self._receiver(cycle, limit, context.settings), params)
+            receive = counted(self._receiver(cycle), limit, context.settings)
+            response = await context.fast.respond(scope, receive, params)
             status = response.status_code
             if cycle.more_body:  # answered before the whole body came (a refusal): the rest is not read
                 cycle.keep_alive = False
@@ -119,30 +114,18 @@ class FastHttpProtocol(HttpToolsProtocol):
                 self.transport.close()
             context.observe(scope, "POST", status, time.perf_counter() - t0, rid)
 
-    def _receiver(self, cycle: _Cycle, limit: int, settings: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
-        """An ASGI `receive` over the cycle's body: each call the bytes arrived since the last, 413 past
-        `limit`, 408 when the body stalls or takes too long, a disconnect once the client is gone (the
-        same rules as `RequestContext`'s)."""
-        deadline = time.monotonic() + settings.body_timeout_s
-        seen = 0
+    def _receiver(self, cycle: _Cycle) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """An ASGI `receive` over the cycle's body, as uvicorn's: each call the bytes arrived since the
+        last, or a disconnect once the client is gone (`counted` adds the limits and timeouts)."""
 
         async def receive() -> dict[str, Any]:
-            nonlocal seen
             while not cycle.body and cycle.more_body and not cycle.disconnected:
                 self.flow.resume_reading()  # the protocol pauses reading past 64 KiB held
-                wait = min(settings.body_idle_timeout_s, deadline - time.monotonic())
-                try:
-                    async with asyncio.timeout(max(0.0, wait)):
-                        await cycle.message_event.wait()
-                except TimeoutError:
-                    raise StarletteHTTPException(408, "the request body arrived too slowly") from None
+                await cycle.message_event.wait()
                 cycle.message_event.clear()
             if cycle.disconnected:
                 return {"type": "http.disconnect"}
             chunk, cycle.body = bytes(cycle.body), bytearray()
-            seen += len(chunk)
-            if seen > limit:
-                raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
             return {"type": "http.request", "body": chunk, "more_body": cycle.more_body}
 
         return receive

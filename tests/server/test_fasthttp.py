@@ -38,9 +38,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_vit_env, tiny_vit_file
     taken: list[str] = []
 
     class Counting(protocol_for(app)):
-        async def _serve(self, cycle, scope, plan) -> None:
-            taken.append(plan[1][0])
-            await super()._serve(cycle, scope, plan)
+        async def _serve(self, cycle, scope, context, headers, params) -> None:
+            taken.append(params[0])
+            await super()._serve(cycle, scope, context, headers, params)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
