@@ -52,9 +52,9 @@ class ImageDecoder:
 
     async def decode(self, items: list[tuple[bytes, str]]) -> list[np.ndarray]:
         """`decode_all` in the pool, or inline (no pool, or a small request: see the class docstring)."""
-        if self.pool is None or sum(len(data) for data, _ in items) > self.inline_bytes:
-            if self.pool is None:
-                return self._timed(self.decode_all, items)
+        if self.pool is None:
+            return self._timed(self.decode_all, items)
+        if sum(len(data) for data, _ in items) > self.inline_bytes:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed, self.decode_all, items)
         t0 = time.thread_time()
         try:
