@@ -225,6 +225,8 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     delta = {k: counts1[k] - counts0[k] for k in counts1}
     res["mean_batch"] = round(delta["vpt_batch_images_sum"] / max(delta["vpt_batch_images_count"], 1), 2)
     res["decode_ms_in_server"] = delta["vpt_decode_cpu_seconds_total"] * 1000 / max(delta["vpt_decoded_images_total"], 1)
+    fe = res["cpu_ms_per_img"].get("frontend")  # None for the single process: no front end apart
+    res["frontend_ms_excl_decode"] = None if fe is None else fe - res["decode_ms_in_server"]
     res["loadgen_ms_per_req"] = round(res["loadgen_cpu_s"] * 1000 / max(res["requests"], 1), 3)
     busy, steal, total = (b - a for a, b in zip(mach0, mach1))
     res["machine_busy"] = round(busy / max(total, 1), 3)  # of all cores, during the measured run
@@ -296,8 +298,7 @@ def main() -> None:
 
 def case_line(res: dict, n: int, r: int, base: dict | None, engine: float, dec: float, common: dict) -> dict:
     """One JSON line for one server case of round `r`; `base`: the same round's N=0 case, if measured."""
-    fe = res["cpu_ms_per_img"].get("frontend", res["cpu_ms_per_img"].get("server", 0.0))
-    decode = res["decode_ms_in_server"]
+    decode, fe = res["decode_ms_in_server"], res["frontend_ms_excl_decode"]
     return {"case": "server", "round": r, "frontend_workers": n, "img_s": round(res["img_s"], 1),
             "vs_n0": round(res["img_s"] / base["img_s"], 3) if base else None,
             "vs_engine": round(res["img_s"] / engine, 3), "p50_ms": res["p50_ms"],
@@ -305,7 +306,7 @@ def case_line(res: dict, n: int, r: int, base: dict | None, engine: float, dec: 
             "mean_batch": res["mean_batch"], "cpu_ms_per_img": res["cpu_ms_per_img"],
             "kernel_ms_per_img": res["kernel_ms_per_img"],
             "decode_ms_per_img": round(decode, 3), "decode_ms_isolated": round(dec, 3),
-            "frontend_ms_excl_decode": round(fe - decode, 3) if n > 0 else None,
+            "frontend_ms_excl_decode": None if fe is None else round(fe, 3),
             "loadgen_ms_per_req": res["loadgen_ms_per_req"], "machine_busy": res["machine_busy"],
             "machine_steal": res["machine_steal"],
             "exit_code": res["exit_code"], "load_avg": os.getloadavg()[0], **common}
@@ -320,8 +321,7 @@ def summary(rounds: list[dict[int, dict]], workers: list[int], common: dict) -> 
         if n and 0 in workers:
             out[f"n{n}_vs_n0"] = round(statistics.median(r[n]["img_s"] / r[0]["img_s"] for r in rounds), 3)
         if n:
-            out[f"n{n}_frontend_ms_excl_decode"] = round(statistics.median(
-                x["cpu_ms_per_img"]["frontend"] - x["decode_ms_in_server"] for x in runs), 3)
+            out[f"n{n}_frontend_ms_excl_decode"] = round(statistics.median(x["frontend_ms_excl_decode"] for x in runs), 3)
     return {**out, **common}
 
 
