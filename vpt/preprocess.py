@@ -159,19 +159,8 @@ class Preprocessor:
         """uint8 (H, W, 3) images -> (n, 3, height, width) normalised `dtype` batch on `device`.
 
         `pin`: stage the images in pinned host memory so the upload overlaps (CUDA only)."""
-        if self.mode not in SEPARABLE:
-            x = self.resize_crop(images, device, pin).clamp_(0, 255).round_()           # (n, 3, H', W')
-            return normalise(x, self.mean, self.std).to(dtype)
-        blocks = self._blocks(images, torch.device(device), pin).clamp_(0, 255).round_()
-        n, by, bx, _, ry, rx = blocks.shape                                         # (n, by, bx, 3, ry, rx)
-        out = torch.empty((n, 3, by * ry, bx * rx), device=blocks.device)              # (n, 3, by*ry, bx*rx)
-        # `normalise`'s arithmetic, its subtraction also putting the blocks in (n, 3, H, W) order
-        m = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1) * 255.0
-        s = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1) * 255.0
-        torch.sub(blocks.permute(0, 3, 1, 4, 2, 5), m.view(1, 3, 1, 1, 1, 1),
-                  out=out.view(n, 3, by, ry, bx, rx))
-        out = out.div_(s)[:, :, :self.height, :self.width]                               # (n, 3, H', W')
-        return out.contiguous().to(dtype)
+        x = self.resize_crop(images, device, pin).clamp_(0, 255).round_()                   # (n, 3, H', W')
+        return normalise(x, self.mean, self.std).to(dtype)
 
     def resize_crop(self, images: Sequence[Tensor], device: torch.device | str = "cpu",
                     pin: bool = False) -> Tensor:
@@ -194,9 +183,6 @@ class Preprocessor:
     def plans(self, h: int, w: int, device: torch.device | str = "cpu") -> tuple[AxisPlan, AxisPlan]:
         """The (rows, columns) plans of an h x w image: its resize and crop as banded matrices
         (bilinear and bicubic only)."""
-        return self._plans(h, w, torch.device(device))
-
-    def _plans(self, h: int, w: int, device: torch.device) -> tuple[AxisPlan, AxisPlan]:
         rh, rw, top, left = self._geometry(h, w)
         return (_axis_plan(h, rh, top, self.height, self.mode, device),
                 _axis_plan(w, rw, left, self.width, self.mode, device))
@@ -220,7 +206,7 @@ class Preprocessor:
         plans = []
         for i, img in enumerate(images):
             _check_image(i, img)
-            plans.append(self._plans(int(img.shape[0]), int(img.shape[1]), device))
+            plans.append(self.plans(int(img.shape[0]), int(img.shape[1]), device))
         if n == 0:
             (by, ry), (bx, rx) = _blocking(self.height), _blocking(self.width)
             return torch.zeros((0, by, bx, 3, ry, rx), device=device)
@@ -295,14 +281,10 @@ def resize_matrix(n_in: int, n_out: int, mode: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(m[:, :n_in]))
 
 
-def axis_plan(n_in: int, n_out: int, start: int, length: int, mode: str,
-              device: torch.device | str = "cpu") -> AxisPlan:
-    """Resize n_in -> n_out ("bilinear" or "bicubic") then keep [start, start + length) (zeros
-    outside 0..n_out), as banded blocks (see `AxisPlan`), from `PLAN_CACHE`."""
-    return _axis_plan(n_in, n_out, start, length, mode, torch.device(device))
-
-
-def _axis_plan(n_in: int, n_out: int, start: int, length: int, mode: str, device: torch.device) -> AxisPlan:
+def _axis_plan(n_in: int, n_out: int, start: int, length: int, mode: str, device: torch.device | str) -> AxisPlan:
+    """Resize n_in -> n_out (bilinear or bicubic) then keep [start, start + length) (zeros outside
+    0..n_out), as banded blocks (see `AxisPlan`), from `PLAN_CACHE`."""
+    device = torch.device(device)
     return PLAN_CACHE.get((n_in, n_out, start, length, mode, device),
                           lambda: _build_plan(n_in, n_out, start, length, mode, device))
 
@@ -396,7 +378,7 @@ def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(n, 3, H, W) 0..255 -> (x / 255 - mean) / std, per channel, float32."""
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255.0
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255.0
-    return (x - m) / s
+    return (x - m).div_(s)
 
 
 def _crop_offset(resized: int, crop: int) -> int:
