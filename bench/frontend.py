@@ -21,7 +21,8 @@ itself spent decoding, per image, during the measured run (its `vpt_decode_cpu_s
 `vpt_decoded_images_total`: thread CPU time around each request's decoding, so it includes what
 load does to decoding); `frontend_ms_excl_decode` is the front ends' CPU per image minus it.
 `decode_ms_isolated` decodes the same JPEGs in this script on an idle core, for comparison.
-`loadgen_ms_per_req` is wrk's own CPU, `machine_busy` the share of all cores busy during the run
+`frontend_split` is each front end's share of the front ends' CPU (how evenly the connections
+spread over them). `loadgen_ms_per_req` is wrk's own CPU, `machine_busy` the share of all cores busy during the run
 and `machine_steal` the share the host took for other work (from /proc/stat): at `machine_busy`
 near 1 the server is CPU-bound and every figure depends on what else the machine does.
 """
@@ -213,8 +214,10 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
         wrk(args, script, args.warmup)
         procs = roles(proc.pid)
         before, counts0, mach0 = cpu_by_role(procs), scrape(args.port), machine_cpu()
+        fe0 = [cpu_s(p)[0] for p in procs.get("frontend", [])]
         res = wrk(args, script, args.seconds)
         after, mach1, counts1 = cpu_by_role(procs), machine_cpu(), scrape(args.port)
+        fe1 = [cpu_s(p)[0] for p in procs.get("frontend", [])]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -231,6 +234,8 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     busy, steal, total = (b - a for a, b in zip(mach0, mach1))
     res["machine_busy"] = round(busy / max(total, 1), 3)  # of all cores, during the measured run
     res["machine_steal"] = round(steal / max(total, 1), 3)  # taken by the host: other machines' work
+    spent = [b - a for a, b in zip(fe0, fe1)]  # each front end's share of the front ends' CPU: how evenly
+    res["frontend_split"] = [round(x / max(sum(spent), 1e-9), 3) for x in spent]  # connections spread
     res["exit_code"] = proc.returncode
     return res
 
@@ -307,6 +312,7 @@ def case_line(res: dict, n: int, r: int, base: dict | None, engine: float, dec: 
             "kernel_ms_per_img": res["kernel_ms_per_img"],
             "decode_ms_per_img": round(decode, 3), "decode_ms_isolated": round(dec, 3),
             "frontend_ms_excl_decode": None if fe is None else round(fe, 3),
+            "frontend_split": res["frontend_split"],
             "loadgen_ms_per_req": res["loadgen_ms_per_req"], "machine_busy": res["machine_busy"],
             "machine_steal": res["machine_steal"],
             "exit_code": res["exit_code"], "load_avg": os.getloadavg()[0], **common}

@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _bind_allowed(settings):
         return 2
     try:  # the port first: a process that cannot serve loads nothing, touches no job, starts no worker
-        sock = bind_socket(settings.host, settings.port)
+        sock = bind_socket(settings.host, settings.port, reuse_port=settings.frontends > 1)
     except OSError as e:
         print(f"error: address_unavailable: cannot bind {settings.host}:{settings.port}: {e.strerror or e}",
               file=sys.stderr)
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.frontends > 0:  # front-end processes and one engine process (docs/serving.md)
         from server.supervisor import Supervisor
 
-        return Supervisor(settings, sock).run()
+        return Supervisor(settings, port_group(sock, settings.frontends)).run()
     state = _start_state(settings)
     if state is None:
         sock.close()
@@ -126,19 +126,54 @@ def _start_state(settings):
         return None
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (OSError if taken), handed to uvicorn."""
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port (OSError if taken), handed to uvicorn.
+
+    The bind itself is exclusive: another server on the port, with SO_REUSEPORT or not, makes it
+    fail. `reuse_port` then sets SO_REUSEPORT before listening (where the platform has it), so that
+    `port_group` can add sockets of this process on the same port and nobody else's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            except OSError:  # not supported here: `port_group` falls back to one shared socket
+                pass
         sock.listen(2048)
         sock.set_inheritable(True)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def port_group(first: socket.socket, n: int) -> list[socket.socket]:
+    """`n` listening sockets on `first`'s address, one per front end: with SO_REUSEPORT the kernel
+    spreads new connections across them evenly (by a hash of each connection's addresses). A single
+    socket shared by every front end is the fallback: then whichever process wakes first accepts, and
+    one of them can end up holding most of a client's keep-alive connections."""
+    if n <= 1 or not hasattr(socket, "SO_REUSEPORT") or \
+            not first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return [first]
+    group = [first]
+    try:
+        for _ in range(n - 1):
+            sock = socket.socket(first.family, socket.SOCK_STREAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(first.getsockname())
+            sock.listen(2048)
+            sock.set_inheritable(True)
+    except OSError as e:
+        log.warning("cannot open one listening socket per front end (%s); they share one", e)
+        for sock in group[1:]:
+            sock.close()
+        return [first]
+    return group
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

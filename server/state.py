@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -31,6 +32,9 @@ from vpt.data.limits import IngestLimits
 from vpt.priority import PriorityGate
 
 log = logging.getLogger(__name__)
+# decoded images are read-only arrays (PIL's bytes) that preprocessing only reads: torch's warning
+# about wrapping them says nothing useful (the engine process wraps ring slots the same way)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 def resolve_device(settings: Settings) -> tuple[str, str]:

@@ -1,8 +1,11 @@
 """`vpt-serve serve` with front-end processes: start the engine, then N front ends; watch; stop gracefully.
 
 The supervisor owns the shared-memory ring file, the engine's Unix socket and the listening TCP
-socket, which every front end inherits. A front end that dies is restarted (its ring region starts
-afresh); one that keeps dying, or an engine that dies, stops the server with exit status 1.
+sockets: one per front end on the same port where the platform has SO_REUSEPORT (the kernel spreads
+connections across them), else one that every front end shares. A front end that dies is restarted
+on its own socket, which the supervisor keeps open meanwhile: connections the kernel sent it wait in
+its queue for the replacement instead of being refused. Its ring region starts afresh; a front end
+that keeps dying, or an engine that dies, stops the server with exit status 1.
 SIGTERM/SIGINT stop the front ends first (uvicorn drains their requests), then the engine; exit 0.
 """
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, listener: socket.socket) -> None:
+    def __init__(self, settings: Settings, listeners: list[socket.socket]) -> None:
         self.settings = settings
         self.n = settings.frontends
         sweep_stale_rings()  # what a SIGKILLed server left (its locks died with it)
@@ -55,7 +58,7 @@ class Supervisor:
         self.socket_path = str(self.workdir / "engine.sock")
         self.metrics_dir = self.workdir / "metrics"
         self.metrics_dir.mkdir()
-        self.listener = listener  # bound and listening; every front end inherits it
+        self.listeners = listeners  # bound and listening; front end i inherits listeners[i % len]
         self.engine: subprocess.Popen | None = None
         self.frontends: list[subprocess.Popen | None] = [None] * self.n
         self.restarts: list[list[float]] = [[] for _ in range(self.n)]
@@ -84,9 +87,9 @@ class Supervisor:
         return None if self.stopping else 1
 
     def start_frontend(self, i: int) -> None:
-        env = self._env(**{ENV_INDEX: str(i), ENV_LISTEN_FD: str(self.listener.fileno()),
-                           "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)})
-        self.frontends[i] = self._spawn("server.frontend.main", env, (self.listener.fileno(),))
+        fd = self.listeners[i % len(self.listeners)].fileno()
+        env = self._env(**{ENV_INDEX: str(i), ENV_LISTEN_FD: str(fd), "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)})
+        self.frontends[i] = self._spawn("server.frontend.main", env, (fd,))
 
     def watch(self) -> int:
         """Until stopped: restart front ends that die; the engine dying ends the server (1)."""
@@ -116,7 +119,8 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.frontends:
             _wait(proc, grace)
-        self.listener.close()
+        for sock in self.listeners:
+            sock.close()
         if self.engine is not None and self.engine.poll() is None:
             self.engine.send_signal(signal.SIGTERM)
         _wait(self.engine, grace)

@@ -1,7 +1,8 @@
 """A front-end process: `python -m server.frontend.main`, started by the supervisor (`vpt-serve serve`).
 
-Serves HTTP on the listening socket it inherits from the supervisor (every front end accepts on the
-same socket: an idle one picks up the next connection) and talks to the engine over the channel.
+Serves HTTP on the listening socket it inherits from the supervisor (its own, on the port every front
+end shares through SO_REUSEPORT; or the one socket all share where the platform lacks it) and talks
+to the engine over the channel.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Front-end processes over real uvicorn processes: a crashed front end is replaced, metrics merge
-across front ends, SIGTERM stops everything with status 0, a SIGKILLed server's ring file is swept
+"""Front-end processes over real uvicorn processes: keep-alive connections spread over the front ends,
+a crashed front end is replaced, metrics merge across front ends, SIGTERM stops everything with status 0, a SIGKILLed server's ring file is swept
 at the next start with its work folder; the single-process mode still serves."""
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import time
@@ -27,6 +28,24 @@ def children(pid: int) -> dict[str, list[int]]:
         elif b"server.frontend.main" in cmd:
             out["frontend"].append(k)
     return out
+
+
+def held_connections(pid: int, port: int) -> int:
+    """Established TCP connections to local `port` whose socket `pid` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    held = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            held += int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes
+    return held
 
 
 def predict(url: str, task: str, seed: int = 0) -> httpx.Response:
@@ -62,6 +81,23 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
     assert text.count("# TYPE vpt_http_requests_total") == 1
     assert counter(text, "vpt_decoded_images_total") == 13  # the 404 too: it was decoded before the engine looked
     assert counter(text, "vpt_decode_cpu_seconds_total") > 0
+
+    # keep-alive connections opened together spread over both front ends (one listening socket each,
+    # SO_REUSEPORT): with one shared socket, one process often accepted them all
+    port = int(proc.base_url.rsplit(":", 1)[1])
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(24)]
+    try:
+        for c in conns:
+            c.connect()
+        for c in conns:
+            c.request("GET", "/healthz")
+            r = c.getresponse()
+            assert r.status == 200 and r.read()
+        held = [held_connections(pid, port) for pid in kids["frontend"]]
+        assert sum(held) == 24 and min(held) > 0, held
+    finally:
+        for c in conns:
+            c.close()
 
     victim = kids["frontend"][0]
     os.kill(victim, signal.SIGKILL)
