@@ -196,7 +196,7 @@ class SlotRing:
         count = 1
         for s in shape:
             count *= s
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if nbytes > self.layout.slot_bytes or count <= 0:
             raise ValueError(f"a {dtype} {shape} tensor does not fit a slot")
         off = self.layout.offset(frontend, slot)

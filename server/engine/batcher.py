@@ -63,10 +63,10 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     during_forward: bool = False  # queued while the engine was busy with a batch: the next one takes it at once
     enqueued: float = field(default_factory=time.perf_counter)
+    n: int = field(init=False)    # images: read many times while batches form
 
-    @property
-    def n(self) -> int:
-        return len(self.images) if isinstance(self.images, list) else self.images.shape[0]
+    def __post_init__(self) -> None:
+        self.n = len(self.images) if isinstance(self.images, list) else self.images.shape[0]
 
 
 class Batcher:

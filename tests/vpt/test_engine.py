@@ -7,7 +7,18 @@ import torch
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.vpt.gradients import check_directional_derivatives
 from vpt.backbone import Backbone, load_backbone
-from vpt.engine import forward_features, forward_logits, stack_slots, task_slot_tensors, training_table
+from vpt.engine import (
+    HEAD_ONLY,
+    allocate_table,
+    forward_features,
+    forward_logits,
+    merge_dims,
+    pack_slots,
+    stack_slots,
+    task_slot_tensors,
+    training_table,
+    write_slot,
+)
 from vpt.task import TaskParams, TaskSpec
 
 
@@ -145,3 +156,28 @@ def test_float32_engine_close_to_float64(tiny_backbone: Backbone, bb64: Backbone
         out64 = forward_logits(bb64, images.double(), t64, slot)
     finite = torch.isfinite(out64)
     torch.testing.assert_close(out32[finite].double(), out64[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip_heads", [False, True])
+def test_a_table_of_equal_shaped_slots_is_stacked_exactly_as_the_padded_path_writes_it(bb64: Backbone,
+                                                                                    skip_heads: bool) -> None:
+    """Slots whose fields have one shape (the usual batch: tasks of one kind) are stacked in one op per
+    field; the table equals the one `allocate_table` + `write_slot` build (values, dtypes, lengths)."""
+    slots = [task_slot_tensors(bb64, make_task(bb64, "vpt-deep", 10, 5, seed)) for seed in range(4)]
+    skip = HEAD_ONLY if skip_heads else frozenset()
+    table = pack_slots(bb64, slots) if skip_heads else stack_slots(bb64, slots)
+    dims: dict = {}
+    for s in slots:
+        dims = merge_dims(dims, {k: v for k, v in s.dims().items() if k not in skip})
+    padded = allocate_table(bb64, len(slots), dims)
+    for i, s in enumerate(slots):
+        write_slot(padded, i, s)
+    assert table.tensors.keys() == padded.tensors.keys() and table.lengths.keys() == padded.lengths.keys()
+    for name in table.tensors:
+        assert table.tensors[name].dtype == padded.tensors[name].dtype
+        assert torch.equal(table.tensors[name], padded.tensors[name]), name
+    for name in table.lengths:
+        assert torch.equal(table.lengths[name], padded.lengths[name]), name
+    # one slot of another shape: the padded path, and each slot still keeps its own length
+    mixed = stack_slots(bb64, [*slots, task_slot_tensors(bb64, make_task(bb64, "vpt-deep", 3, 7, 9))])
+    assert mixed.num_classes.tolist() == [5, 5, 5, 5, 7]
