@@ -14,5 +14,5 @@ _WHERE = {
     "AttentionInputError": "kernels.errors", "BackendUnavailable": "kernels.errors", "KernelError": "kernels.errors",
     "attention_reference": "kernels.reference",
 }
-__all__ = sorted(_WHERE)
+__all__ = list(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prompt_store import claims
 from prompt_store.base import Store
@@ -28,13 +28,15 @@ from prompt_store.queue import Claim, JobQueue, request_cancel
 from prompt_store.records import JobRecord
 from server.cleanup import sweep
 from server.errors import ApiError
-from vpt.backbone import Backbone
 from vpt.data.errors import DatasetError
 from vpt.data.limits import IngestLimits
-from vpt.errors import VPTError
-from vpt.priority import PriorityGate
+from vpt.errors import TrainingCancelled, TrainingError, VPTError
+from vpt.options import TrainOptions
 from vpt.task import read_metadata
-from vpt.train import TrainingCancelled, TrainingError, TrainOptions
+
+if TYPE_CHECKING:  # annotations only: the HTTP front ends submit jobs without loading the model stack
+    from vpt.backbone import Backbone
+    from vpt.priority import PriorityGate
 
 log = logging.getLogger(__name__)
 

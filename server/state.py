@@ -9,7 +9,6 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -19,16 +18,17 @@ from torch import Tensor
 import kernels
 from prompt_store.bank import PromptBank
 from prompt_store.base import Store
-from prompt_store.factory import open_queue, open_store
+from prompt_store.factory import open_store
 from prompt_store.queue import JobQueue
-from server.engine.batcher import Batcher, Outcome
+from server.answers import Outcome
+from server.engine.batcher import Batcher
 from server.frontend.auth import KeyRing, load_keyring
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService, TrainingWorker
 from server.metrics import Metrics
 from server.settings import Settings
+from server.shared import count_unservable, ingest_limits, open_job_queue, work_dir
 from vpt.backbone import Backbone, load_backbone
-from vpt.data.limits import IngestLimits
 from vpt.priority import PriorityGate
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,6 @@ def build_backbone(settings: Settings) -> Backbone:
                          device=device, dtype=dtype, seed=settings.backbone_seed)
 
 
-def ingest_limits(settings: Settings) -> IngestLimits:
-    """The dataset limits of this server: the same for the submit checks and the job's ingestion."""
-    return IngestLimits(max_archive_bytes=settings.max_upload_bytes, max_image_pixels=settings.max_image_pixels,
-                        max_classes=settings.max_task_classes)
-
-
 def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Backbone,
                  name: str | None = None, gate: PriorityGate | None = None) -> TrainingWorker:
     """A training worker with the settings' limits (in-process or `vpt-serve worker`).
@@ -100,15 +94,6 @@ def build_worker(settings: Settings, store: Store, queue: JobQueue, backbone: Ba
                           gate=gate or PriorityGate(settings.training_share, device=backbone.device))
 
 
-def work_dir(settings: Settings) -> Path:
-    """Where deliveries train: `<data>/../work/<tenant>/<job>/<attempt>/`."""
-    return settings.uploads_dir.resolve().parent / "work"
-
-
-def open_job_queue(settings: Settings, store: Store) -> JobQueue:
-    return open_queue(store, stale_s=settings.job_stale_s, max_claims=settings.job_max_claims)
-
-
 def exit_code_after_close(clean: bool) -> int:
     """0 once `AppState.close()` returned. A training thread that did not stop within the grace period
     already had its job handed back, so the process leaves at once (0) instead of joining it."""
@@ -116,12 +101,6 @@ def exit_code_after_close(clean: bool) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
-
-
-def count_unservable(store: Store, fingerprint: str) -> int:
-    """Tasks (all tenants) whose current version was trained on another backbone."""
-    return sum(info.current.metadata.get("backbone_fingerprint") != fingerprint
-               for tenant in store.list_tenants() for info in store.list_tasks(tenant))
 
 
 @dataclass

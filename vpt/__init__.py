@@ -15,5 +15,5 @@ _WHERE = {
     "METHODS": "vpt.task", "LoadedTask": "vpt.task", "TaskParams": "vpt.task", "TaskSpec": "vpt.task",
     "load_task_file": "vpt.task", "save_task_file": "vpt.task",
 }
-__all__ = sorted(_WHERE)
+__all__ = list(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -59,6 +59,11 @@ class Backbone:
         return self.model.cls_token.dtype
 
     @property
+    def element_size(self) -> int:
+        """Bytes per value at the serving dtype (what a task's bank values cost)."""
+        return self.dtype.itemsize
+
+    @property
     def num_tokens(self) -> int:
         """Prompt-free sequence length (prefix tokens + patches): 197 for ViT-B/16 at 224."""
         return self.num_prefix_tokens + self.num_patches

@@ -19,11 +19,6 @@ from kernels.attention import attention
 if TYPE_CHECKING:
     from vpt.methods.context import BatchContext
 
-# Block parameters this forward reads (weights may be replaced; biases may change per sample).
-BLOCK_PARAMS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                "mlp.fc2.weight", "mlp.fc2.bias", "ls1.gamma", "ls2.gamma")
-TOP_PARAMS = ("patch_embed.proj.bias", "norm.weight", "norm.bias")
 
 
 # Per block: parameter name -> (the submodule that holds it, attribute). Resolving a dotted name walks

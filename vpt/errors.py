@@ -31,6 +31,12 @@ class TrainingError(VPTError):
 
     code = "training_failed"
 
+
+class TrainingCancelled(TrainingError):
+    """`should_cancel()` answered True; nothing was kept."""
+
+    code = "cancelled"
+
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message

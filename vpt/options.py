@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vpt.errors import TaskSpecError, TrainOptionsError
 from vpt.methods import POOLINGS, head_component, parse_method
 from vpt.task import MAX_PROMPTS, MAX_REDUCTION, TaskSpec, parse_layers
-from vpt.transforms import AUGMENTATIONS
 
+AUGMENTATIONS = ("fgvc", "none")  # vpt/transforms.py builds them: the official recipe, or none
 SWEEPS = ("none", "small", "paper")
 MIXED_PRECISION = ("auto", "bf16", "off")
 KEEP = ("best", "last")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -17,9 +17,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from vpt.backbone import Backbone
 from vpt.errors import TaskFileError, TaskSpecError
 from vpt.methods import HEAD_BIAS_INIT, POOLINGS, Build, components_of, head_component, parse_method
+
+if TYPE_CHECKING:  # annotations only: a task's file and spec checks need no timm
+    from vpt.backbone import Backbone
 
 METHODS = ("linear", "vpt-shallow", "vpt-deep")        # the `vpt-task/1` methods
 FORMAT = "vpt-task/1"

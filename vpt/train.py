@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from vpt.backbone import Backbone
 from vpt.batches import BatchTransform, collate_images, device_batch, train_batch_transform
 from vpt.engine import forward_logits, training_table
-from vpt.errors import TaskSpecError, TrainingError, TrainOptionsError
+from vpt.errors import TaskSpecError, TrainingCancelled, TrainingError, TrainOptionsError
 from vpt.metrics import accuracy
 from vpt.options import KEEP, LR_REFERENCE_BATCH, MIXED_PRECISION, SWEEPS, TrainOptions  # noqa: F401
 from vpt.task import TaskParams
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 MOMENTUM = 0.9
 
 
-class TrainingCancelled(TrainingError):
-    """`should_cancel()` answered True; nothing was kept."""
-
-    code = "cancelled"
 
 
 class TrainingDiverged(TrainingError):

@@ -25,9 +25,10 @@ from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
 from torchvision import transforms as T
 
+from vpt.options import AUGMENTATIONS
+
 IMAGENET_MEAN: tuple[float, float, float] = tuple(timm.data.IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
 IMAGENET_STD: tuple[float, float, float] = tuple(timm.data.IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
-AUGMENTATIONS = ("fgvc", "none")
 
 _DEFAULTS: dict[str, Any] = {"interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                              "crop_pct": 0.875, "crop_mode": "center"}

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from prompt_store.bank import Lease, PromptBank
+from server.answers import Outcome, TopK
 from server.errors import ApiError, busy
 from vpt.backbone import Backbone
 from vpt.engine import forward_grouped
@@ -30,24 +31,6 @@ from vpt.preprocess import Preprocessor
 from vpt.priority import PriorityGate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TopK:
-    label: str
-    index: int
-    score: float
-
-
-@dataclass
-class Outcome:
-    """One request's answer: per image its top-k, the version served, and timings in ms."""
-
-    version: int
-    results: list[list[TopK]]
-    queue_ms: float
-    forward_ms: float
-    batch_images: int
 
 
 Inputs = Tensor | list[Tensor]     # preprocessed float (n, 3, H, W), or decoded uint8 (H, W, 3) images

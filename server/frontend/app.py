@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -26,7 +26,9 @@ from server.frontend.openapi import install_openapi
 from server.frontend.routes import jobs, oip, predict, system, tasks
 from server.frontend.state import FrontendState
 from server.settings import Settings
-from server.state import AppState
+
+if TYPE_CHECKING:  # a front-end process never loads the engine's state (torch, timm)
+    from server.state import AppState
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("vpt.access")
@@ -229,8 +231,12 @@ def create_app(settings: Settings | None = None, state: AppState | None = None,
         if frontend is not None:
             await frontend.start()
             app.state.vpt = frontend
-        else:
-            app.state.vpt = state or await run_in_threadpool(AppState.start, settings)
+        elif state is not None:
+            app.state.vpt = state
+        else:  # the single-process server: the model stack loads here
+            from server.state import AppState
+
+            app.state.vpt = await run_in_threadpool(AppState.start, settings)
         facts = app.state.vpt.backbone.describe()
         log.info("ready: backbone %s on %s, store %s", facts["name"], facts["device"], settings.store_redacted)
         try:

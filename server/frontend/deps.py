@@ -7,23 +7,26 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
 from server.errors import ApiError
 from server.frontend.auth import DEFAULT_TENANT
-from server.state import AppState
+
+if TYPE_CHECKING:  # front-end processes never load the engine's state (torch, timm)
+    from server.state import AppState
 
 
-async def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> Any:
     state = getattr(request.app.state, "vpt", None)
     if state is None:
         raise ApiError(503, "not_ready", "the server is starting", headers={"Retry-After": "2"})
     return state
 
 
-State = Annotated[AppState, Depends(get_state)]
+# the app's state: an `AppState` (one process) or a `FrontendState` (a front end), which routes use alike
+State = Annotated["AppState", Depends(get_state)] if TYPE_CHECKING else Annotated[Any, Depends(get_state)]
 
 
 def presented_key(request: Request) -> str | None:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from server.answers import Outcome, TopK
 from server.channel import Outbox, SlotPool, SlotRing, encode_frame, read_frame, tensor_item
-from server.engine.batcher import Outcome, TopK
 from server.errors import ApiError, busy
 
 log = logging.getLogger(__name__)

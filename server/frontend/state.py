@@ -17,17 +17,20 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from torch import Tensor
 
 from prompt_store.factory import open_store
+from server.answers import Outcome
 from server.channel import SlotRing
-from server.engine.batcher import Outcome
 from server.frontend.auth import KeyRing, load_keyring
 from server.frontend.engine_client import EngineClient
 from server.frontend.images import ImageDecoder
 from server.jobs import JobService
 from server.metrics import DecodeAccount
 from server.settings import Settings
-from server.state import count_unservable, open_job_queue, work_dir
+from server.shared import count_unservable, open_job_queue, work_dir
 
 log = logging.getLogger(__name__)
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}  # the dtypes a backbone can load in
 
 
 class BackboneInfo:
@@ -38,6 +41,7 @@ class BackboneInfo:
         self.name, self.fingerprint = facts["name"], facts["fingerprint"]
         self.embed_dim, self.depth = int(facts["embed_dim"]), int(facts["depth"])
         self.num_heads = int(facts["num_heads"])
+        self.element_size = _ITEMSIZE.get(str(facts.get("dtype")), 4)  # bytes per bank value
         self.data_config = {"input_size": tuple(facts["input_size"]), "mean": tuple(facts["mean"]),
                             "std": tuple(facts["std"]), "interpolation": facts["interpolation"],
                             "crop_pct": facts["crop_pct"], "crop_mode": facts["crop_mode"]}

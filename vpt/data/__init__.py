@@ -15,5 +15,5 @@ _WHERE = {
     "IngestLimits": "vpt.data.limits", "Preflight": "vpt.data.preflight", "preflight_archive": "vpt.data.preflight",
     "DEFAULT_VAL_FRACTION": "vpt.data.split", "split_dataset": "vpt.data.split", "stratified_split": "vpt.data.split",
 }
-__all__ = sorted(_WHERE)
+__all__ = list(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

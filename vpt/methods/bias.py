@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from vpt.blocks import BLOCK_PARAMS, TOP_PARAMS
+from vpt.block_names import BLOCK_PARAMS, TOP_PARAMS
 from vpt.errors import TaskSpecError
 from vpt.methods.base import Build, Component, Field
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from vpt.blocks import prompt_kv
 from vpt.errors import TaskSpecError
 from vpt.methods.base import Build, Component, Field
 from vpt.methods.vpt_shallow import Prompts, dropped, init_prompts
@@ -72,6 +71,8 @@ class VptDeep(Component):
         bb = build.backbone
         L, H, hd, p = bb.depth, bb.num_heads, bb.head_dim, spec.num_prompts
         first, last = layer_range(spec, L)
+        from vpt.blocks import prompt_kv  # the forward's code: loaded where tensors are made, not for checks
+
         tokens = prompts_as_tokens(spec, L)
         prompts = dropped(module.prompts, build)                                   # (rows, L_p, p, d)
         rows = prompts.shape[0]

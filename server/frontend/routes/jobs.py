@@ -22,7 +22,7 @@ from server.frontend.deps import State, Tenant
 from server.frontend.missing import paged
 from server.frontend.openapi import errors
 from server.frontend.schemas import ErrorOut, JobList, JobOut, job_out
-from server.state import ingest_limits
+from server.shared import ingest_limits
 from vpt.data.preflight import preflight_archive
 from vpt.errors import TrainOptionsError
 from vpt.options import TrainOptions, form_schema, from_form

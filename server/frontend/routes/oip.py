@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ from server.frontend.routes.oip_tensors import (
     parse_request,
 )
 from server.frontend.routes.predict import classify
-from server.state import AppState
+
+if TYPE_CHECKING:  # front-end processes never load the engine's state (torch, timm)
+    from server.state import AppState
 
 router = APIRouter(tags=["open inference protocol"])
 

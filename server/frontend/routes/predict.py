@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -12,13 +13,15 @@ from starlette.datastructures import UploadFile
 from torch import Tensor
 
 from prompt_store.ids import validate_id
-from server.engine.batcher import Outcome
+from server.answers import Outcome
 from server.errors import ApiError
 from server.frontend.deps import State, Tenant
 from server.frontend.forms import parse_form
 from server.frontend.missing import TaskRoute
 from server.frontend.schemas import ErrorOut, PredictionOut, safe_text
-from server.state import AppState
+
+if TYPE_CHECKING:  # front-end processes never load the engine's state (torch, timm)
+    from server.state import AppState
 
 router = APIRouter(tags=["predict"], route_class=TaskRoute)
 

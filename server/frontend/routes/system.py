@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,7 +15,9 @@ from server.errors import ApiError
 from server.frontend.deps import State, Tenant, is_loopback, presented_key
 from server.frontend.openapi import errors
 from server.frontend.schemas import BackboneOut, ReadyOut
-from server.state import AppState
+
+if TYPE_CHECKING:  # front-end processes never load the engine's state (torch, timm)
+    from server.state import AppState
 
 router = APIRouter(tags=["system"])
 

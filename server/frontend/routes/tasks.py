@@ -25,7 +25,6 @@ from server.frontend.schemas import (
     task_summary,
     version_out,
 )
-from vpt.backbone import parse_dtype
 from vpt.errors import TaskFileError
 from vpt.task import bank_values, load_task_file, read_metadata
 
@@ -37,14 +36,6 @@ MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not eve
 
 def _running(state: State) -> tuple[str, str]:
     return state.backbone.name, state.backbone.fingerprint
-def _element_size(state: State) -> int:
-    """Bytes per bank value at the serving dtype."""
-    dtype = getattr(state.backbone, "dtype", None)   # a front end without the engine knows the facts only
-    if dtype is None:
-        dtype = parse_dtype(str(state.backbone.describe().get("dtype", "float32")))
-    return dtype.itemsize
-
-
 def _version(task_id: str, version: int | None) -> int | None:
     """`version` unless it is a number no task can have (404, like any missing version)."""
     if version is not None and version > MAX_VERSION:
@@ -59,13 +50,13 @@ def list_tasks(state: State, tenant: Tenant,
     """The tenant's tasks by id, a page at a time: the cheap facts of each (`GET /tasks/{task_id}` has
     class names and metrics); follow `next_cursor` until it is null."""
     page = paged(task_page, state.store, tenant, limit, cursor)
-    size, running = _element_size(state), _running(state)
+    size, running = state.backbone.element_size, _running(state)
     return TaskList(tasks=[task_summary(i, size, running) for i in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut)
 def get_task(task_id: str, state: State, tenant: Tenant) -> TaskOut:
-    return task_out(state.store.get_info(tenant, validate_id(task_id)), _element_size(state), _running(state))
+    return task_out(state.store.get_info(tenant, validate_id(task_id)), state.backbone.element_size, _running(state))
 
 
 @router.delete("/tasks/{task_id}", status_code=204, responses=errors(409, 507))
@@ -89,7 +80,7 @@ def delete_task(task_id: str, state: State, tenant: Tenant) -> Response:
 def list_versions(task_id: str, state: State, tenant: Tenant) -> VersionList:
     info = state.store.get_info(tenant, validate_id(task_id))
     versions = state.store.list_versions(tenant, task_id)
-    return VersionList(versions=[version_out(v, info.current_version, element_size=_element_size(state)) for v in versions])
+    return VersionList(versions=[version_out(v, info.current_version, element_size=state.backbone.element_size) for v in versions])
 
 
 @router.get("/tasks/{task_id}/versions/{version}", response_model=VersionOut)
@@ -97,7 +88,7 @@ def get_version(task_id: str, version: int, state: State, tenant: Tenant) -> Ver
     """One version with all its metrics, the feature map (t-SNE of CLS features) included."""
     info = state.store.get_info(tenant, validate_id(task_id))
     record, _ = state.store.get_task(tenant, task_id, _version(task_id, version))
-    return version_out(record, info.current_version, full=True, element_size=_element_size(state))
+    return version_out(record, info.current_version, full=True, element_size=state.backbone.element_size)
 
 
 @router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut, responses=errors(409, 507))
@@ -107,7 +98,7 @@ def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOu
     _check_servable(blob, state)
     state.store.activate(tenant, task_id, version)
     _changed(state, tenant, task_id)
-    return task_out(state.store.get_info(tenant, task_id), _element_size(state), _running(state))
+    return task_out(state.store.get_info(tenant, task_id), state.backbone.element_size, _running(state))
 
 
 @router.get("/tasks/{task_id}/export", response_class=Response,
@@ -133,7 +124,7 @@ async def import_task(task_id: str, request: Request, state: State, tenant: Tena
     meta = await run_in_threadpool(_check_servable, blob, state)
     info = await run_in_threadpool(_put, state, tenant, task_id, blob, meta)
     await _notify(state, tenant, task_id)
-    return task_out(info, _element_size(state), _running(state))
+    return task_out(info, state.backbone.element_size, _running(state))
 
 
 async def _notify(state: State, tenant: str, task_id: str) -> None:
