@@ -1,18 +1,18 @@
-"""Attention kernels: the prompt-fused Triton kernel, the torch path and a float64 reference.
-
-The names below load on first use: importing `kernels.errors` alone (as the HTTP front ends do,
-for error translation) never imports torch or Triton. The attention function itself is
-`kernels.attention.attention` (`kernels.attention` is its module).
-"""
+"""Attention kernels: the prompt-fused Triton kernel, the torch path and a float64 reference."""
 from __future__ import annotations
 
-from vpt.lazy import lazy_exports
+from kernels.attention import attention, check_inputs, get_backend, resolve_backend, set_backend
+from kernels.errors import AttentionInputError, BackendUnavailable, KernelError
+from kernels.reference import attention_reference
 
-_WHERE = {
-    "check_inputs": "kernels.attention", "get_backend": "kernels.attention",
-    "resolve_backend": "kernels.attention", "set_backend": "kernels.attention",
-    "AttentionInputError": "kernels.errors", "BackendUnavailable": "kernels.errors", "KernelError": "kernels.errors",
-    "attention_reference": "kernels.reference",
-}
-__all__ = list(_WHERE)
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__all__ = [
+    "AttentionInputError",
+    "BackendUnavailable",
+    "KernelError",
+    "attention",
+    "attention_reference",
+    "check_inputs",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
+]

@@ -14,7 +14,7 @@ from timm.layers import DropPath, Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from kernels.attention import attention
+from kernels import attention
 
 if TYPE_CHECKING:
     from vpt.methods.context import BatchContext

@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels.triton_attention as ta
-from kernels import AttentionInputError, BackendUnavailable, set_backend
-from kernels.attention import attention
+from kernels import AttentionInputError, BackendUnavailable, attention, set_backend
 from kernels.torch_attention import torch_attention
 from kernels.triton_attention import triton_attention
 from tests.kernels.cases import DEVICE, Case, make_inputs, max_err, reference
@@ -215,8 +214,7 @@ def test_autotune_candidates_depend_on_dtype_and_head_dim() -> None:
 def test_cpu_tensors_without_the_interpreter_are_refused_clearly() -> None:
     code = (
         "import torch\n"
-        "from kernels import BackendUnavailable\n"
-        "from kernels.attention import attention\n"
+        "from kernels import BackendUnavailable, attention\n"
         "x = torch.randn(1, 1, 4, 16)\n"
         "try:\n"
         "    attention(x, x, x, None, None, None, None, None, 0.25, backend='triton')\n"

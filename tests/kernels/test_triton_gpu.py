@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels.triton_attention as ta
-from kernels.attention import attention
+from kernels import attention
 from kernels.triton_attention import triton_attention
 from tests.kernels.cases import Case, make_inputs, max_err, reference
 from tests.kernels.test_triton_attention import FLOOR, check_against_reference

@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +72,10 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
     httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=1)).raise_for_status()
     kids = children(proc.proc.pid)
     assert len(kids["engine"]) == 1 and len(kids["frontend"]) == 2
+    for pid in kids["frontend"]:  # the model stack stays in the engine (libraries show in the process's map)
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "torchvision" not in maps and "/triton/" not in maps
+    assert "/triton/" in Path(f"/proc/{kids['engine'][0]}/maps").read_text()  # the check can tell
 
     for i in range(12):  # a fresh connection each: the two front ends share them
         r = predict(proc.base_url, "t", i)
@@ -131,3 +137,17 @@ def test_single_process_mode_still_serves(start_server, tiny_vit_file) -> None:
     r = predict(proc.base_url, "t")
     assert r.status_code == 200 and r.json()["results"][0]["top_k"][0]["label"] == "a"
     assert counter(httpx.get(proc.base_url + "/metrics").text, "vpt_batch_images_count") >= 1
+
+
+def test_a_front_end_imports_no_model_stack() -> None:
+    """What a front-end process imports (server/frontend/main.py) loads neither timm, torchvision, Triton
+    nor the engine's state, bank or batcher: they cost seconds of startup and memory in every front end."""
+    code = ("import sys\n"
+            "import server.cli, server.frontend.app, server.frontend.fasthttp, server.frontend.state\n"
+            "heavy = ('timm', 'torchvision', 'triton', 'server.state', 'server.engine.batcher', 'prompt_store.bank',"
+            " 'vpt.backbone', 'vpt.engine')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
