@@ -31,12 +31,6 @@ class TrainingError(VPTError):
 
     code = "training_failed"
 
-
-class TrainingCancelled(TrainingError):
-    """`should_cancel()` answered True; nothing was kept."""
-
-    code = "cancelled"
-
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -45,6 +39,12 @@ class TrainingCancelled(TrainingError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class TrainingCancelled(TrainingError):
+    """`should_cancel()` answered True; nothing was kept."""
+
+    code = "cancelled"
 
 
 class TrainOptionsError(TrainingError, ValueError):
