@@ -36,6 +36,8 @@ MAX_VERSION = 2**63 - 1  # no store counts further; larger numbers would not eve
 
 def _running(state: State) -> tuple[str, str]:
     return state.backbone.name, state.backbone.fingerprint
+
+
 def _version(task_id: str, version: int | None) -> int | None:
     """`version` unless it is a number no task can have (404, like any missing version)."""
     if version is not None and version > MAX_VERSION:
