@@ -16,10 +16,12 @@ from server.channel import RingLayout, SlotPool, SlotRing, sweep_stale_rings
 from server.engine.service import EngineService
 from server.errors import ApiError
 from server.frontend.engine_client import EngineClient
+from server.frontend.state import BackboneInfo
 from server.settings import Settings
 from server.state import AppState
 from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.server.helpers import backbone_for, constant_task, ring_owner
+from vpt.backbone import load_backbone
 from vpt.task import read_metadata
 
 
@@ -215,3 +217,12 @@ def test_an_outbox_writes_one_turns_frames_together_and_in_order() -> None:
         a_writer.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_a_front_end_knows_the_bank_value_size_from_the_engine_facts(tiny_vit_file: Path, dtype: str) -> None:
+    """Task records show bank bytes = values x element size: a front end, which has only the engine's
+    `describe()` facts (no torch dtype), must get the same size as the engine's backbone."""
+    bb = load_backbone(TINY_NAME, weights=tiny_vit_file, model_kwargs=TINY_KWARGS, dtype=dtype)
+    assert bb.element_size == getattr(torch, dtype).itemsize
+    assert BackboneInfo(bb.describe()).element_size == bb.element_size
