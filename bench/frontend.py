@@ -22,9 +22,10 @@ itself spent decoding, per image, during the measured run (its `vpt_decode_cpu_s
 load does to decoding); `frontend_ms_excl_decode` is the front ends' CPU per image minus it.
 `decode_ms_isolated` decodes the same JPEGs in this script on an idle core, for comparison.
 `frontend_split` is each front end's share of the front ends' CPU (how evenly the connections
-spread over them). `loadgen_ms_per_req` is wrk's own CPU, `machine_busy` the share of all cores busy during the run
-and `machine_steal` the share the host took for other work (from /proc/stat): at `machine_busy`
-near 1 the server is CPU-bound and every figure depends on what else the machine does.
+spread over them). `loadgen_ms_per_req` is wrk's own CPU, `machine_busy` the share of all cores
+busy during the run and `machine_steal` the share the host took for other work (from /proc/stat):
+at `machine_busy` near 1 the server is CPU-bound and every figure depends on what else the machine
+does.
 """
 from __future__ import annotations
 
@@ -112,13 +113,14 @@ def cpu_s(pid: int) -> tuple[float, float]:
     return utime + stime, stime
 
 
-def cpu_by_role(procs: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
-    """`cpu_s` summed over each role's processes, one read of /proc per process."""
-    out = {}
-    for role, pids in procs.items():
-        times = [cpu_s(p) for p in pids]
-        out[role] = (sum(t for t, _ in times), sum(k for _, k in times))
-    return out
+def cpu_by_process(procs: dict[str, list[int]]) -> dict[str, list[tuple[float, float]]]:
+    """`cpu_s` of each role's processes, in order, one read of /proc per process."""
+    return {role: [cpu_s(p) for p in pids] for role, pids in procs.items()}
+
+
+def role_sums(times: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """(user + kernel, kernel) CPU seconds per role: its processes' `cpu_s` summed."""
+    return {role: (sum(t for t, _ in ts), sum(k for _, k in ts)) for role, ts in times.items()}
 
 
 def roles(pid: int) -> dict[str, list[int]]:
@@ -213,14 +215,13 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     try:
         wrk(args, script, args.warmup)
         procs = roles(proc.pid)
-        before, counts0, mach0 = cpu_by_role(procs), scrape(args.port), machine_cpu()
-        fe0 = [cpu_s(p)[0] for p in procs.get("frontend", [])]
+        first, counts0, mach0 = cpu_by_process(procs), scrape(args.port), machine_cpu()
         res = wrk(args, script, args.seconds)
-        after, mach1, counts1 = cpu_by_role(procs), machine_cpu(), scrape(args.port)
-        fe1 = [cpu_s(p)[0] for p in procs.get("frontend", [])]
+        last, mach1, counts1 = cpu_by_process(procs), machine_cpu(), scrape(args.port)
     finally:
         proc.terminate()
         proc.wait(60)
+    before, after = role_sums(first), role_sums(last)
     ok = res["requests"] - res["status_errors"]
     res["img_s"] = ok / (res["duration_us"] / 1e6)
     for name, part in (("cpu_ms_per_img", 0), ("kernel_ms_per_img", 1)):
@@ -234,8 +235,8 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     busy, steal, total = (b - a for a, b in zip(mach0, mach1))
     res["machine_busy"] = round(busy / max(total, 1), 3)  # of all cores, during the measured run
     res["machine_steal"] = round(steal / max(total, 1), 3)  # taken by the host: other machines' work
-    spent = [b - a for a, b in zip(fe0, fe1)]  # each front end's share of the front ends' CPU: how evenly
-    res["frontend_split"] = [round(x / max(sum(spent), 1e-9), 3) for x in spent]  # connections spread
+    spent = [b[0] - a[0] for a, b in zip(first.get("frontend", []), last.get("frontend", []))]
+    res["frontend_split"] = [round(x / max(sum(spent), 1e-9), 3) for x in spent]  # how evenly connections spread
     res["exit_code"] = proc.returncode
     return res
 

@@ -119,14 +119,13 @@ def _table_of(backbone: Backbone, slots: list[SlotTensors], skip: frozenset[str]
     return table
 
 
-def _stacked(backbone: Backbone, slots: list[SlotTensors], dims: Dims,
-             counted: tuple[str, ...] = (HEAD_W,)) -> PromptTable:
+def _stacked(backbone: Backbone, slots: list[SlotTensors], dims: Dims) -> PromptTable:
     """`_table_of` for slots whose fields all have the same shapes: what `allocate_table` and
     `write_slot` would make, in one op per field instead of a few per field and slot."""
     dev = backbone.device
     tensors = {name: torch.stack([s.tensors[name] for s in slots]).to(dev) for name in dims}
     lengths = {}
-    for name in dict.fromkeys((*dims, *counted)):
+    for name in dict.fromkeys((*dims, HEAD_W)):  # the class count is kept as `allocate_table` keeps it
         length_dim = FIELDS[name].length_dim
         if length_dim is not None:
             lengths[name] = torch.tensor([s.tensors[name].shape[length_dim] if name in s.tensors else 0

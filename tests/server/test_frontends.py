@@ -1,6 +1,7 @@
 """Front-end processes over real uvicorn processes: keep-alive connections spread over the front ends,
-a crashed front end is replaced, metrics merge across front ends, SIGTERM stops everything with status 0, a SIGKILLed server's ring file is swept
-at the next start with its work folder; the single-process mode still serves."""
+a crashed front end is replaced, metrics merge across front ends, SIGTERM stops everything with status
+0, a SIGKILLed server's ring file is swept at the next start with its work folder, a front end loads no
+model stack; the single-process mode still serves."""
 from __future__ import annotations
 
 import http.client
@@ -90,7 +91,7 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
 
     # keep-alive connections opened together spread over both front ends (one listening socket each,
     # SO_REUSEPORT): with one shared socket, one process often accepted them all
-    port = int(proc.base_url.rsplit(":", 1)[1])
+    port = proc.port
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(24)]
     try:
         for c in conns:
