@@ -25,7 +25,10 @@ load does to decoding); `frontend_ms_excl_decode` is the front ends' CPU per ima
 spread over them). `loadgen_ms_per_req` is wrk's own CPU, `machine_busy` the share of all cores
 busy during the run and `machine_steal` the share the host took for other work (from /proc/stat):
 at `machine_busy` near 1 the server is CPU-bound and every figure depends on what else the machine
-does.
+does. `cpu_bound_img_s` is what the case would deliver with every core busy at its measured CPU per
+image (server processes plus wrk): cores x 1000 / ms per image, the most this machine allows it;
+`cpu_bound_vs_n0` divides it by the same round's measured N=0, the largest ratio to N=0 the case could
+reach here however well its processes shared the cores.
 """
 from __future__ import annotations
 
@@ -235,6 +238,9 @@ def server_case(args: argparse.Namespace, weights: Path, store: Path, script: Pa
     busy, steal, total = (b - a for a, b in zip(mach0, mach1))
     res["machine_busy"] = round(busy / max(total, 1), 3)  # of all cores, during the measured run
     res["machine_steal"] = round(steal / max(total, 1), 3)  # taken by the host: other machines' work
+    # what every core busy at this run's CPU per image (server and wrk) would give: the most this case can do here
+    per_img = sum(res["cpu_ms_per_img"].values()) + res["loadgen_ms_per_req"]
+    res["cpu_bound_img_s"] = round((os.cpu_count() or 1) * 1000 / max(per_img, 1e-9), 1)
     spent = [b[0] - a[0] for a, b in zip(first.get("frontend", []), last.get("frontend", []))]
     res["frontend_split"] = [round(x / max(sum(spent), 1e-9), 3) for x in spent]  # how evenly connections spread
     res["exit_code"] = proc.returncode
@@ -307,7 +313,9 @@ def case_line(res: dict, n: int, r: int, base: dict | None, engine: float, dec: 
     decode, fe = res["decode_ms_in_server"], res["frontend_ms_excl_decode"]
     return {"case": "server", "round": r, "frontend_workers": n, "img_s": round(res["img_s"], 1),
             "vs_n0": round(res["img_s"] / base["img_s"], 3) if base else None,
-            "vs_engine": round(res["img_s"] / engine, 3), "p50_ms": res["p50_ms"],
+            "vs_engine": round(res["img_s"] / engine, 3), "cpu_bound_img_s": res["cpu_bound_img_s"],
+            "cpu_bound_vs_n0": round(res["cpu_bound_img_s"] / base["img_s"], 3) if base else None,
+            "p50_ms": res["p50_ms"],
             "p99_ms": res["p99_ms"], "errors": res["status_errors"] + res["socket_errors"],
             "mean_batch": res["mean_batch"], "cpu_ms_per_img": res["cpu_ms_per_img"],
             "kernel_ms_per_img": res["kernel_ms_per_img"],
@@ -327,6 +335,8 @@ def summary(rounds: list[dict[int, dict]], workers: list[int], common: dict) -> 
         out[f"n{n}_img_s"] = round(statistics.median(x["img_s"] for x in runs), 1)
         if n and 0 in workers:
             out[f"n{n}_vs_n0"] = round(statistics.median(r[n]["img_s"] / r[0]["img_s"] for r in rounds), 3)
+            out[f"n{n}_cpu_bound_vs_n0"] = round(statistics.median(r[n]["cpu_bound_img_s"] / r[0]["img_s"]
+                                                                    for r in rounds), 3)
         if n:
             out[f"n{n}_frontend_ms_excl_decode"] = round(statistics.median(x["frontend_ms_excl_decode"] for x in runs), 3)
     return {**out, **common}
