@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.attention import check_inputs
+from kernels.dispatch import check_inputs
 from kernels.errors import AttentionInputError, BackendUnavailable
 
 log = logging.getLogger(__name__)

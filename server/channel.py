@@ -26,10 +26,13 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+import numpy as np
+
+if TYPE_CHECKING:  # the engine's side only: a front end writes numpy arrays and never imports torch
+    import torch
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ HEADER = struct.Struct(">I")
 RING_PREFIX = "vpt-ring-"
 WORKDIR_PREFIX = "vpt-serve-"
 MAX_FRAME = 1 << 31
-DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, "float32": torch.float32}
+DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype(np.float32)}  # what may cross
 ENV_SHM = "VPT_INTERNAL_SHM"          # the ring's file, set by the supervisor for its children
 ENV_SOCKET = "VPT_INTERNAL_SOCKET"    # the engine's Unix socket
 ENV_INDEX = "VPT_INTERNAL_FRONTEND"   # this front end's region
@@ -192,7 +195,9 @@ class SlotRing:
         self.map[off:off + n] = data
 
     def tensor(self, frontend: int, slot: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-        """A tensor aliasing the slot (no copy); valid until the front end frees the slot."""
+        """A tensor aliasing the slot (no copy); valid until the front end frees the slot (engine side)."""
+        import torch
+
         count = 1
         for s in shape:
             count *= s
@@ -234,23 +239,23 @@ class SlotPool:
         return self.size - len(self.free)
 
 
-def tensor_item(t: Tensor) -> tuple[dict[str, Any], memoryview]:
-    """A contiguous uint8/float32 tensor -> its description and its bytes (no copy)."""
-    name = next((k for k, v in DTYPES.items() if v == t.dtype), None)
+def array_item(arr: np.ndarray) -> tuple[dict[str, Any], memoryview]:
+    """A uint8/float32 array -> its description and its bytes (no copy when already contiguous)."""
+    name = next((k for k, v in DTYPES.items() if v == arr.dtype), None)
     if name is None:
-        raise ValueError(f"dtype {t.dtype} cannot cross the channel")
-    t = t.contiguous()
-    return {"dtype": name, "shape": list(t.shape)}, memoryview(t.numpy()).cast("B")
+        raise ValueError(f"dtype {arr.dtype} cannot cross the channel")
+    arr = np.ascontiguousarray(arr)
+    return {"dtype": name, "shape": list(arr.shape)}, memoryview(arr).cast("B")
 
 
-def item_shape(item: dict[str, Any]) -> tuple[torch.dtype, tuple[int, ...]]:
-    """Validated dtype and shape of an item description (the engine trusts nothing it receives)."""
-    dtype = DTYPES.get(str(item.get("dtype")))
-    shape = item.get("shape")
-    if dtype is None or not isinstance(shape, list) or not 1 <= len(shape) <= 4 \
+def item_shape(item: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """Validated dtype name (a key of DTYPES) and shape of an item description (the engine trusts
+    nothing it receives)."""
+    name, shape = str(item.get("dtype")), item.get("shape")
+    if name not in DTYPES or not isinstance(shape, list) or not 1 <= len(shape) <= 4 \
             or not all(isinstance(s, int) and 0 < s < (1 << 20) for s in shape):
         raise ValueError(f"bad tensor item {item!r:.200}")
-    return dtype, tuple(shape)
+    return name, tuple(shape)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], list[bytes]]:

@@ -32,7 +32,7 @@ from vpt.data.errors import DatasetError
 from vpt.data.limits import IngestLimits
 from vpt.errors import TrainingCancelled, TrainingError, VPTError
 from vpt.options import TrainOptions
-from vpt.task import read_metadata
+from vpt.spec import read_metadata
 
 if TYPE_CHECKING:  # annotations only: the HTTP front ends submit jobs without loading the model stack
     from vpt.backbone import Backbone

@@ -163,11 +163,13 @@ class AppState:
             self._unservable = (now, count_unservable(self.store, self.backbone.fingerprint))
         return self._unservable[1]
 
-    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | list[Tensor] | Tensor,
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | list[Tensor] | np.ndarray | Tensor,
                       top_k: int) -> Outcome:
         """Decoded uint8 (H, W, 3) images or a preprocessed (n, 3, H, W) batch -> the task's answer."""
         if isinstance(images, list):
             images = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in images]
+        elif isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
         outcome = await self.batcher.predict(tenant, task, images, top_k)
         self.metrics.predictions.labels(tenant, task).inc(len(images))
         return outcome

@@ -22,8 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vpt.errors import TaskSpecError, TrainOptionsError
-from vpt.methods import POOLINGS, head_component, parse_method
-from vpt.task import MAX_PROMPTS, MAX_REDUCTION, TaskSpec, parse_layers
+from vpt.method_names import POOLINGS, check_head, parse_method
+from vpt.spec import MAX_PROMPTS, MAX_REDUCTION, TaskSpec, parse_layers
 
 AUGMENTATIONS = ("fgvc", "none")  # vpt/transforms.py builds them: the official recipe, or none
 SWEEPS = ("none", "small", "paper")
@@ -111,7 +111,7 @@ class TrainOptions(BaseModel):
     def _method_fits(self) -> TrainOptions:
         checks = [("method", lambda: self.method == "auto" or parse_method(self.method)),
                   ("auto_methods", lambda: [parse_method(m) for m in self.auto_methods]),
-                  ("head", lambda: head_component(self.head)),
+                  ("head", lambda: check_head(self.head)),
                   ("prompt_layers", lambda: parse_layers(self.prompt_layers))]
         for name, check in checks:
             try:

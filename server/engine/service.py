@@ -20,6 +20,7 @@ from server.errors import ApiError, translate
 from server.state import AppState
 
 log = logging.getLogger(__name__)
+TORCH_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}  # the channel's dtype names (server.channel.DTYPES)
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
@@ -96,7 +97,8 @@ class EngineService:
         """Tensors aliasing the ring's slots (or the inline frames): uint8 images or float32 (3, H, W)."""
         out = []
         for item in items:
-            dtype, shape = item_shape(item)
+            name, shape = item_shape(item)
+            dtype = TORCH_DTYPES[name]
             if "slot" in item:
                 t = self.ring.tensor(frontend, int(item["slot"]), dtype, shape)
             else:

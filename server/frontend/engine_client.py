@@ -7,10 +7,9 @@ import logging
 from typing import Any
 
 import numpy as np
-from torch import Tensor
 
 from server.answers import Outcome, TopK
-from server.channel import Outbox, SlotPool, SlotRing, encode_frame, read_frame, tensor_item
+from server.channel import Outbox, SlotPool, SlotRing, array_item, encode_frame, read_frame
 from server.errors import ApiError, busy
 
 log = logging.getLogger(__name__)
@@ -96,15 +95,15 @@ class EngineClient:
                 self._out.send(encode_frame({"op": "abandon", "id": 0, "target": rid}))
             raise
 
-    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:
-        """uint8 (H, W, 3) arrays or a float32 (n, 3, H, W) tensor -> the engine's answer."""
-        arrays = list(images) if isinstance(images, list) else [t for t in images]
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | np.ndarray, top_k: int) -> Outcome:
+        """uint8 (H, W, 3) arrays or a float32 (n, 3, H, W) array -> the engine's answer."""
+        arrays = list(images)  # a batch: one (3, H, W) item per image
         slots = self.pool.take(len(arrays))
         if slots is None:
             raise busy(f"this front end's {self.pool.size} shared-memory slots are all in use")
         items, blobs, used = [], [], []
         for arr, slot in zip(arrays, slots):
-            desc, data = tensor_item(arr) if isinstance(arr, Tensor) else _array_item(arr)
+            desc, data = array_item(arr)
             if len(data) <= self.ring.layout.slot_bytes:
                 self.ring.write(self.frontend, slot, data)
                 items.append({**desc, "slot": slot})
@@ -118,7 +117,3 @@ class EngineClient:
         results = [[TopK(**t) for t in row] for row in ok["results"]]
         return Outcome(ok["version"], results, ok["queue_ms"], ok["forward_ms"], ok["batch_images"])
 
-
-def _array_item(arr: np.ndarray) -> tuple[dict[str, Any], memoryview]:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return {"dtype": "uint8", "shape": list(arr.shape)}, memoryview(arr).cast("B")

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from torch import Tensor
 
 from prompt_store.factory import open_store
 from server.answers import Outcome
@@ -103,7 +102,7 @@ class FrontendState:
                                     inline_bytes=self.settings.inline_decode_bytes(frontend=True),
                                     account=self.metrics.decode)
 
-    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | Tensor, top_k: int) -> Outcome:
+    async def predict(self, tenant: str, task: str, images: list[np.ndarray] | np.ndarray, top_k: int) -> Outcome:
         return await self.client.predict(tenant, task, images, top_k)
 
     async def ready(self, details: bool = False) -> dict[str, str]:

@@ -98,7 +98,7 @@ async def _run_handoff(state: AppState, tmp_path: Path) -> None:
         assert 2 <= len(seen) <= 24
         big = [rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)]  # 36 kB > a 16 kB slot: inline
         assert (await client.predict("default", "t", big, top_k=1)).results[0][0].label == "two"
-        pre = torch.zeros((2, 3, 32, 32))  # already preprocessed float32 inputs
+        pre = np.zeros((2, 3, 32, 32), np.float32)  # already preprocessed inputs (a front end holds numpy)
         assert [r[0].label for r in (await client.predict("default", "t", pre, top_k=1)).results] == ["two"] * 2
         with pytest.raises(ApiError) as err:  # a bad task fails alone, its slots come back
             await client.predict("default", "missing", _images(rng, 2), top_k=1)

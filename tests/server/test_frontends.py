@@ -69,24 +69,26 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
     assert not stale.exists() and not stale_dir.exists()  # the next server's supervisor swept them
     mine = [p for p in stale_dir.parent.glob(f"vpt-serve-{proc.proc.pid}-*")]
     assert len(mine) == 1 and (mine[0] / "engine.sock").exists()  # its own is locked: kept
-    bb = backbone_for(str(tiny_vit_file))
-    httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=1)).raise_for_status()
     kids = children(proc.proc.pid)
     assert len(kids["engine"]) == 1 and len(kids["frontend"]) == 2
+    for i in range(4):  # decoded by the front ends, answered by the engine: the whole path of a prediction
+        assert predict(proc.base_url, "missing", i).status_code == 404
     for pid in kids["frontend"]:  # the model stack stays in the engine (libraries show in the process's map)
         maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "torchvision" not in maps and "/triton/" not in maps
-    assert "/triton/" in Path(f"/proc/{kids['engine'][0]}/maps").read_text()  # the check can tell
+        assert "libtorch" not in maps and "torchvision" not in maps and "/triton/" not in maps
+    engine_maps = Path(f"/proc/{kids['engine'][0]}/maps").read_text()
+    assert "libtorch" in engine_maps and "/triton/" in engine_maps  # the check can tell
+    bb = backbone_for(str(tiny_vit_file))
+    httpx.put(proc.base_url + "/tasks/t/import", content=constant_task(bb, ["a", "b"], winner=1)).raise_for_status()
 
     for i in range(12):  # a fresh connection each: the two front ends share them
         r = predict(proc.base_url, "t", i)
         assert r.status_code == 200 and r.json()["results"][0]["top_k"][0]["label"] == "b"
-    assert predict(proc.base_url, "missing").status_code == 404
     text = httpx.get(proc.base_url + "/metrics").text
     assert counter(text, 'vpt_http_requests_total{method="POST",route="/predict",status="200"}') == 12
     assert counter(text, "vpt_batch_images_count") >= 1  # the engine's own metrics come along
     assert text.count("# TYPE vpt_http_requests_total") == 1
-    assert counter(text, "vpt_decoded_images_total") == 13  # the 404 too: it was decoded before the engine looked
+    assert counter(text, "vpt_decoded_images_total") == 16  # the 404s too: decoded before the engine looked
     assert counter(text, "vpt_decode_cpu_seconds_total") > 0
 
     # keep-alive connections opened together spread over both front ends (one listening socket each,
@@ -141,12 +143,14 @@ def test_single_process_mode_still_serves(start_server, tiny_vit_file) -> None:
 
 
 def test_a_front_end_imports_no_model_stack() -> None:
-    """What a front-end process imports (server/frontend/main.py) loads neither timm, torchvision, Triton
-    nor the engine's state, bank or batcher: they cost seconds of startup and memory in every front end."""
+    """What a front-end process imports (server/frontend/main.py) loads neither torch, timm, torchvision,
+    Triton nor the engine's state, bank or batcher: they cost seconds of startup and memory in every front
+    end. (Checking an uploaded task file's tensors loads torch, in the front end that takes the upload.)"""
     code = ("import sys\n"
             "import server.cli, server.frontend.app, server.frontend.fasthttp, server.frontend.state\n"
-            "heavy = ('timm', 'torchvision', 'triton', 'server.state', 'server.engine.batcher', 'prompt_store.bank',"
-            " 'vpt.backbone', 'vpt.engine')\n"
+            "import server.frontend.main\n"
+            "heavy = ('torch', 'safetensors', 'timm', 'torchvision', 'triton', 'server.state', 'server.engine.batcher',"
+            " 'prompt_store.bank', 'vpt.backbone', 'vpt.engine', 'vpt.task', 'vpt.methods', 'kernels.dispatch')\n"
             "print(sorted(m for m in heavy if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                          text=True, timeout=300, check=False)

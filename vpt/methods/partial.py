@@ -39,9 +39,7 @@ class Partial1(BackboneCopy):
         return partial_names(backbone)
 
     def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
-        if "bias" in spec.components:
-            raise TaskSpecError("partial-1 already tunes the last block's biases; it cannot be combined with bias")
-        if backbone is None:
+        if backbone is None:  # with bias: vpt.method_names.check_combination refuses it
             return
         last = f"blocks.{backbone.depth - 1}."
         odd = [n for n, _ in partial_names(backbone)

@@ -7,27 +7,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vpt.errors import TaskSpecError
+from vpt.method_names import POOLINGS
 from vpt.methods.base import Build, Component, Field
 
 if TYPE_CHECKING:
-    from vpt.backbone import Backbone
     from vpt.methods.context import BatchContext
     from vpt.task import TaskSpec
-
-POOLINGS = ("cls", "image_mean", "prompt_mean", "all_mean")
-
 
 class Pooling(Component):
     name = "pooling"
     kind = "pooling"
     fields = (Field("pool"),)
-
-    def check(self, spec: TaskSpec, backbone: Backbone | None) -> None:
-        if spec.pooling not in POOLINGS:
-            raise TaskSpecError(f"unknown pooling {spec.pooling!r}; expected one of {list(POOLINGS)}")
-        if spec.pooling == "prompt_mean" and not ({"vpt-shallow", "vpt-deep"} & set(spec.components)):
-            raise TaskSpecError("pooling prompt_mean needs prompts (vpt-shallow or vpt-deep)")
 
     def metadata(self, spec: TaskSpec) -> dict[str, str]:
         return {"pooling": spec.pooling} if spec.pooling != "cls" else {}

@@ -11,10 +11,8 @@ import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from torch import Tensor
 
 from prompt_store.ids import validate_id
 from prompt_store.records import TaskVersion
@@ -176,16 +174,16 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-async def _images(state: AppState, req: InferRequest) -> Tensor:
-    """(N, 3, H, W) float32, normalised as the backbone expects."""
+async def _images(state: AppState, req: InferRequest) -> list[np.ndarray] | np.ndarray:
+    """Decoded uint8 (H, W, 3) images, or (N, 3, H, W) float32 normalised as the backbone expects."""
     if req.encoded is not None:
         return await state.decoder.decode([(data, f"#{i}") for i, data in enumerate(req.encoded)])
-    x = torch.from_numpy(np.array(req.pixels, dtype=np.float32))                # (N, 3, H, W)
+    x = np.array(req.pixels, dtype=np.float32)                                  # (N, 3, H, W)
     if req.pixels.dtype == np.uint8:                                            # pixels: normalise like timm
         dc = state.backbone.data_config
-        mean = torch.tensor(dc["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(dc["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        x = (x / 255.0 - mean) / std
+        mean = np.array(dc["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+        std = np.array(dc["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+        x = (x / np.float32(255.0) - mean) / std
     return x
 
 

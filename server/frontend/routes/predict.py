@@ -10,7 +10,6 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
-from torch import Tensor
 
 from prompt_store.ids import validate_id
 from server.answers import Outcome
@@ -70,7 +69,7 @@ async def _read_raw(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
-async def classify(state: AppState, tenant: str, task: str, images: list[np.ndarray] | Tensor,
+async def classify(state: AppState, tenant: str, task: str, images: list[np.ndarray] | np.ndarray,
                    top_k: int) -> Outcome:
     """The prediction entry point of every HTTP route: decoded uint8 (H, W, 3) images or a preprocessed
     (n, 3, H, W) batch join the next shared batch (in this process, or the engine process's over the

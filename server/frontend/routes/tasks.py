@@ -26,7 +26,7 @@ from server.frontend.schemas import (
     version_out,
 )
 from vpt.errors import TaskFileError
-from vpt.task import bank_values, load_task_file, read_metadata
+from vpt.spec import read_metadata
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"], route_class=TaskRoute, responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
@@ -153,6 +153,9 @@ def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, s
 
 def _check_servable(blob: bytes, state: State) -> dict[str, str]:
     """The file's metadata if this backbone can serve it and the API can show it; 422 otherwise."""
+    # checking the tensors builds them (torch): a front end loads it with its first upload, not to serve
+    from vpt.task import bank_values, load_task_file
+
     try:
         loaded = load_task_file(blob, state.backbone)
         spec, meta = loaded.spec, read_metadata(blob)
