@@ -28,6 +28,7 @@ from server.jobs import JobService, TrainingWorker
 from server.metrics import Metrics
 from server.settings import Settings
 from server.shared import count_unservable, ingest_limits, open_job_queue, work_dir
+from server.task_checks import servable_metadata
 from vpt.backbone import Backbone, load_backbone
 from vpt.priority import PriorityGate
 
@@ -173,6 +174,10 @@ class AppState:
         outcome = await self.batcher.predict(tenant, task, images, top_k)
         self.metrics.predictions.labels(tenant, task).inc(len(images))
         return outcome
+
+    async def check_task(self, blob: bytes) -> dict[str, str]:
+        """A task file's metadata when this backbone can serve it (server/task_checks.py); 422 otherwise."""
+        return await asyncio.to_thread(servable_metadata, blob, self.backbone, self.settings)
 
     def ready_checks(self, details: bool = False) -> dict[str, str]:
         """Backbone loaded, batcher running, store reachable, enough disk: each "ok" or why not."""

@@ -18,6 +18,7 @@ from prompt_store.records import ChangeEvent
 from server.channel import Outbox, SlotRing, encode_frame, item_shape, read_frame
 from server.errors import ApiError, translate
 from server.state import AppState
+from server.task_checks import servable_metadata
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}  # the channel's dtype names (server.channel.DTYPES)
@@ -78,6 +79,10 @@ class EngineService:
         try:
             if op == "predict":
                 result = await self._predict(msg, blobs, frontend)
+            elif op == "check_task":  # a front end's upload: checked against the backbone, off this loop
+                if len(blobs) != 1:
+                    raise ApiError(400, "bad_request", "check_task carries one task file")
+                result = await asyncio.to_thread(servable_metadata, blobs[0], self.state.backbone, self.state.settings)
             elif op == "ready":
                 result = await asyncio.to_thread(self.state.ready_checks, bool(msg.get("details")))
             elif op == "metrics":

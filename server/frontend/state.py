@@ -105,6 +105,10 @@ class FrontendState:
     async def predict(self, tenant: str, task: str, images: list[np.ndarray] | np.ndarray, top_k: int) -> Outcome:
         return await self.client.predict(tenant, task, images, top_k)
 
+    async def check_task(self, blob: bytes) -> dict[str, str]:
+        """The engine checks the task file against its backbone (server/task_checks.py): its metadata or a 422."""
+        return await self.client.call({"op": "check_task"}, [blob])
+
     async def ready(self, details: bool = False) -> dict[str, str]:
         if not self.client.connected:
             return {"engine": "unreachable"}

@@ -15,7 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.vit import TINY_KWARGS, TINY_NAME
 from tests.server.helpers import backbone_for, constant_task, png, supervisor_leftovers
+from vpt.backbone import load_backbone
+from vpt.task import load_task_file
 
 
 def children(pid: int) -> dict[str, list[int]]:
@@ -84,6 +87,8 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
     for i in range(12):  # a fresh connection each: the two front ends share them
         r = predict(proc.base_url, "t", i)
         assert r.status_code == 200 and r.json()["results"][0]["top_k"][0]["label"] == "b"
+    for pid in kids["frontend"]:  # the upload was checked by the engine: still no torch in a front end
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
     text = httpx.get(proc.base_url + "/metrics").text
     assert counter(text, 'vpt_http_requests_total{method="POST",route="/predict",status="200"}') == 12
     assert counter(text, "vpt_batch_images_count") >= 1  # the engine's own metrics come along
@@ -130,6 +135,36 @@ def test_crashed_front_end_is_replaced_metrics_merge_and_sigterm_exits_0(start_s
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(60) == 0
     assert not Path(f"/proc/{kids['engine'][0]}").exists()
+
+
+@pytest.mark.parametrize("workers", ["1", "0"])
+def test_task_files_of_every_method_import_and_activate(start_server, tiny_vit_file, workers: str) -> None:
+    """An uploaded or re-activated task file is checked against the backbone where it lives (the engine,
+    for a front end), whatever its method: bias and partial-1 read the backbone's own parameters."""
+    proc = start_server(env={"VPT_FRONTEND_WORKERS": workers, "VPT_WORKERS": "0"})
+    bb = backbone_for(str(tiny_vit_file))
+    for method in ("bias", "partial-1", "vpt-deep+bias", "adapter"):
+        name = method.replace("+", "-")
+        blob = constant_task(bb, ["a", "b"], winner=1, method=method)
+        r = httpx.put(f"{proc.base_url}/tasks/{name}/import", content=blob, timeout=60)
+        assert r.status_code == 201, r.text
+        expected = load_task_file(blob, bb).params.num_trainable()["total"]
+        assert r.json()["method"] == method and r.json()["trainable_parameters"] == expected
+        assert predict(proc.base_url, name).json()["results"][0]["top_k"][0]["label"] == "b"
+    blob = constant_task(bb, ["a", "b"], winner=0, method="bias")
+    assert httpx.put(f"{proc.base_url}/tasks/bias/import", content=blob, timeout=60).status_code == 201
+    assert predict(proc.base_url, "bias").json()["results"][0]["top_k"][0]["label"] == "a"
+    r = httpx.post(f"{proc.base_url}/tasks/bias/versions/1/activate", timeout=60)  # roll back
+    assert r.status_code == 200 and r.json()["current_version"] == 1, r.text
+    assert predict(proc.base_url, "bias").json()["results"][0]["top_k"][0]["label"] == "b"
+    foreign = load_backbone(TINY_NAME, pretrained=False, model_kwargs={**TINY_KWARGS, "depth": 3})
+    r = httpx.put(f"{proc.base_url}/tasks/other/import", content=constant_task(foreign, ["a", "b"], 1, "bias"),
+                  timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "backbone_mismatch", r.text
+    r = httpx.put(f"{proc.base_url}/tasks/other/import", content=blob[:-7], timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"].startswith("task_file"), r.text
+    for pid in children(proc.proc.pid)["frontend"]:
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
 
 
 def test_single_process_mode_still_serves(start_server, tiny_vit_file) -> None:

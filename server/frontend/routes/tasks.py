@@ -1,7 +1,6 @@
 """Tasks: list, inspect, delete, versions, activate (rollback), export and import task files."""
 from __future__ import annotations
 
-import json
 import logging
 
 import anyio
@@ -25,8 +24,6 @@ from server.frontend.schemas import (
     task_summary,
     version_out,
 )
-from vpt.errors import TaskFileError
-from vpt.spec import read_metadata
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"], route_class=TaskRoute, responses={404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
@@ -94,13 +91,14 @@ def get_version(task_id: str, version: int, state: State, tenant: Tenant) -> Ver
 
 
 @router.post("/tasks/{task_id}/versions/{version}/activate", response_model=TaskOut, responses=errors(409, 507))
-def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOut:
+async def activate(task_id: str, version: int, state: State, tenant: Tenant) -> TaskOut:
     """Make version `n` current (rollback or forward); every replica serves it from its next batch."""
-    _, blob = state.store.get_task(tenant, validate_id(task_id), _version(task_id, version))
-    _check_servable(blob, state)
-    state.store.activate(tenant, task_id, version)
-    _changed(state, tenant, task_id)
-    return task_out(state.store.get_info(tenant, task_id), state.backbone.element_size, _running(state))
+    _, blob = await run_in_threadpool(state.store.get_task, tenant, validate_id(task_id), _version(task_id, version))
+    await state.check_task(blob)
+    await run_in_threadpool(state.store.activate, tenant, task_id, version)
+    await _notify(state, tenant, task_id)
+    info = await run_in_threadpool(state.store.get_info, tenant, task_id)
+    return task_out(info, state.backbone.element_size, _running(state))
 
 
 @router.get("/tasks/{task_id}/export", response_class=Response,
@@ -123,7 +121,7 @@ async def import_task(task_id: str, request: Request, state: State, tenant: Tena
     blob = await request.body()
     if not blob:
         raise ApiError(400, "bad_request", "the request body must be a task file")
-    meta = await run_in_threadpool(_check_servable, blob, state)
+    meta = await state.check_task(blob)  # 422 unless this server's backbone can serve it
     info = await run_in_threadpool(_put, state, tenant, task_id, blob, meta)
     await _notify(state, tenant, task_id)
     return task_out(info, state.backbone.element_size, _running(state))
@@ -149,36 +147,3 @@ def _changed(state: State, tenant: str, task_id: str) -> None:
 def _put(state: State, tenant: str, task_id: str, blob: bytes, meta: dict[str, str]):
     state.store.put_task(tenant, task_id, blob, meta)
     return state.store.get_info(tenant, task_id)
-
-
-def _check_servable(blob: bytes, state: State) -> dict[str, str]:
-    """The file's metadata if this backbone can serve it and the API can show it; 422 otherwise."""
-    # checking the tensors builds them (torch): a front end loads it with its first upload, not to serve
-    from vpt.task import bank_values, load_task_file
-
-    try:
-        loaded = load_task_file(blob, state.backbone)
-        spec, meta = loaded.spec, read_metadata(blob)
-        if hasattr(state.backbone, "model"):   # the record shows what this server computes, not the file's claim
-            meta["trainable_parameters"] = str(loaded.params.num_trainable()["total"])
-            meta["bank_values"] = str(bank_values(loaded.params, state.backbone))
-    except TaskFileError as e:
-        raise ApiError(422, e.code, e.message) from e
-    except Exception as e:  # untrusted bytes: whatever else the parsers meet is the file's fault too
-        log.warning("task file refused: %r", e)
-        raise ApiError(422, "task_file_invalid", f"the task file cannot be read: {type(e).__name__}") from e
-    s = state.settings
-    if spec.num_classes > s.max_task_classes or spec.num_prompts > s.max_task_prompts:
-        raise ApiError(422, "task_too_large",
-                       f"the task has {spec.num_classes} classes and {spec.num_prompts} prompts; this server "
-                       f"serves at most {s.max_task_classes} classes and {s.max_task_prompts} prompts")
-    try:
-        for shown in (meta, json.loads(meta["classes"]), json.loads(meta.get("metrics", "null"))):
-            json.dumps(shown, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ApiError(422, "task_file_invalid", "task file metadata holds text that is not valid Unicode") from e
-    except RecursionError as e:
-        raise ApiError(422, "task_file_invalid", "task file metadata 'metrics' is nested too deeply") from e
-    except ValueError:
-        pass  # malformed metrics are shown as null
-    return meta
