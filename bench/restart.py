@@ -36,9 +36,8 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.frontend import TINY, roles
 from vpt.backbone import load_backbone
-
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 0}
 
 
 def get(port: int, path: str, timeout: float) -> int:
@@ -66,15 +65,10 @@ def start(root: Path, env: dict[str, str], port: int) -> subprocess.Popen:
     raise SystemExit(f"the server in {root} did not become ready")
 
 
-def front_ends(pid: int) -> list[int]:
-    kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [k for k in kids if b"server.frontend.main" in Path(f"/proc/{k}/cmdline").read_bytes()]
-
-
 def one_rep(root: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
     proc = start(root, env, args.port)
     try:
-        before = front_ends(proc.pid)
+        before = roles(proc.pid)["frontend"]
         results: list[tuple[float, bool]] = []  # (seconds waited, answered)
         lock = threading.Lock()
         t_kill = time.perf_counter()
@@ -95,7 +89,7 @@ def one_rep(root: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
             t.start()
         replaced = None
         while replaced is None and time.perf_counter() - t_kill < args.window:
-            now = front_ends(proc.pid)
+            now = roles(proc.pid)["frontend"]
             if len(now) == len(before) and before[0] not in now:
                 replaced = time.perf_counter() - t_kill
             time.sleep(0.01)

@@ -5,23 +5,13 @@ process that only names the kernels' errors (a front end translating them) never
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from kernels.errors import AttentionInputError, BackendUnavailable, KernelError
+from vpt.lazy import lazy_exports
 
 _WHERE = {name: "kernels.dispatch" for name in ("attention", "check_inputs", "get_backend", "resolve_backend",
                                                 "set_backend")}
 _WHERE["attention_reference"] = "kernels.reference"
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # bound now: later lookups skip this function
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from server.errors import ApiError
 from vpt.errors import TaskFileError
-from vpt.spec import read_metadata
 from vpt.task import bank_values, load_task_file
 
 if TYPE_CHECKING:
@@ -27,7 +26,7 @@ def servable_metadata(blob: bytes, backbone: Backbone, settings: Settings) -> di
     shows what this server computes (trainable parameters, bank values), not what the file claims."""
     try:
         loaded = load_task_file(blob, backbone)
-        spec, meta = loaded.spec, read_metadata(blob)
+        spec, meta = loaded.spec, dict(loaded.metadata)  # the header load_task_file read
         meta["trainable_parameters"] = str(loaded.params.num_trainable()["total"])
         meta["bank_values"] = str(bank_values(loaded.params, backbone))
     except TaskFileError as e:
@@ -35,11 +34,11 @@ def servable_metadata(blob: bytes, backbone: Backbone, settings: Settings) -> di
     except Exception as e:  # untrusted bytes: whatever else the parsers meet is the file's fault too
         log.warning("task file refused: %r", e)
         raise ApiError(422, "task_file_invalid", f"the task file cannot be read: {type(e).__name__}") from e
-    s = settings
-    if spec.num_classes > s.max_task_classes or spec.num_prompts > s.max_task_prompts:
+    most_classes, most_prompts = settings.max_task_classes, settings.max_task_prompts
+    if spec.num_classes > most_classes or spec.num_prompts > most_prompts:
         raise ApiError(422, "task_too_large",
                        f"the task has {spec.num_classes} classes and {spec.num_prompts} prompts; this server "
-                       f"serves at most {s.max_task_classes} classes and {s.max_task_prompts} prompts")
+                       f"serves at most {most_classes} classes and {most_prompts} prompts")
     try:
         for shown in (meta, json.loads(meta["classes"]), json.loads(meta.get("metrics", "null"))):
             json.dumps(shown, ensure_ascii=False).encode("utf-8")

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 MOMENTUM = 0.9
 
 
-
-
 class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite (the official code aborts too)."""
 

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 
 from prompt_store.records import ChangeEvent
-from server.channel import Outbox, SlotRing, encode_frame, item_shape, read_frame
+from server.channel import DTYPES, Outbox, SlotRing, encode_frame, item_shape, read_frame
 from server.errors import ApiError, translate
 from server.state import AppState
 from server.task_checks import servable_metadata
 
 log = logging.getLogger(__name__)
-TORCH_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}  # the channel's dtype names (server.channel.DTYPES)
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the channel's dtype names, as torch dtypes
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:

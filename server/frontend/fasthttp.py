@@ -7,9 +7,10 @@ its CPU besides decoding. `FastHttpProtocol` is uvicorn's protocol with one chan
 head shows exactly that request, it hands the body, as it arrives, to the same code as the route
 (`FastPredict.respond`: auth, checks, decoding, the engine, error translation) under the same size
 limits and timeouts as `RequestContext`, and writes the status line, headers and body in one write.
-Request ids, the access log and request metrics are `RequestContext`'s own. Every other request, and any request this path is unsure of (proxy headers,
-`Expect: 100-continue`, HTTP/1.0, a pipelined request behind another, a root path, the concurrency
-limit reached, the app not started), takes uvicorn's ordinary path unchanged.
+Request ids, the access log and request metrics are `RequestContext`'s own. Every other request, and
+any request this path is unsure of (proxy headers, `Expect: 100-continue`, HTTP/1.0, a pipelined
+request behind another, a root path, the concurrency limit reached, the app not started), takes
+uvicorn's ordinary path unchanged.
 """
 from __future__ import annotations
 

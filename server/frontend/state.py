@@ -33,13 +33,11 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}  # the dty
 
 
 class BackboneInfo:
-    """The engine's backbone as facts (what task-file checks and `GET /backbone` need)."""
+    """The engine's backbone as facts: `GET /backbone`, the OIP input shape and normalisation, bank bytes."""
 
     def __init__(self, facts: dict[str, Any]) -> None:
         self.facts = facts
         self.name, self.fingerprint = facts["name"], facts["fingerprint"]
-        self.embed_dim, self.depth = int(facts["embed_dim"]), int(facts["depth"])
-        self.num_heads = int(facts["num_heads"])
         self.element_size = _ITEMSIZE.get(str(facts.get("dtype")), 4)  # bytes per bank value
         self.data_config = {"input_size": tuple(facts["input_size"]), "mean": tuple(facts["mean"]),
                             "std": tuple(facts["std"]), "interpolation": facts["interpolation"],

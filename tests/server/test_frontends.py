@@ -180,7 +180,7 @@ def test_single_process_mode_still_serves(start_server, tiny_vit_file) -> None:
 def test_a_front_end_imports_no_model_stack() -> None:
     """What a front-end process imports (server/frontend/main.py) loads neither torch, timm, torchvision,
     Triton nor the engine's state, bank or batcher: they cost seconds of startup and memory in every front
-    end. (Checking an uploaded task file's tensors loads torch, in the front end that takes the upload.)"""
+    end. (Uploaded task files are checked by the engine: see the test above.)"""
     code = ("import sys\n"
             "import server.cli, server.frontend.app, server.frontend.fasthttp, server.frontend.state\n"
             "import server.frontend.main\n"
